@@ -1,0 +1,177 @@
+"""The frozen CLIP judge: batched, L2-normalised image and text embeddings from any open_clip model."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+ImageLike = Image.Image | str | os.PathLike
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """Open ``image`` (a PIL image or a path) as RGB; an unreadable path raises an error naming it."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as img:
+                return img.convert("RGB")
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"cannot read image {os.fspath(image)!r}: {err}") from err
+    raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")
+
+
+class ClipScorer:
+    """A frozen open_clip model that turns images and texts into L2-normalised embeddings.
+
+    ``ClipScorer(model, tokenizer, preprocess)`` wraps any open_clip model (its ``encode_image`` /
+    ``encode_text``), the tokenizer that goes with it and the image transform; the model is put in eval mode
+    and its parameters frozen. ``ClipScorer.from_open_clip("ViT-B-32", pretrained="openai")`` loads a
+    released checkpoint through open_clip's registry.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Callable[..., torch.Tensor],
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        device: str | torch.device | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval().requires_grad_(False)
+        if device is not None:
+            self.model.to(device)
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.num_truncated = 0
+        self._warned_truncation = False
+
+    @classmethod
+    def from_open_clip(
+        cls,
+        model_name: str,
+        pretrained: str | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 256,
+        **model_kwargs: Any,
+    ) -> ClipScorer:
+        """Build a scorer from open_clip's registry, e.g. ``("ViT-B-32", pretrained="openai")``.
+
+        Weights come from the Hub or open_clip's download cache (``HF_HUB_OFFLINE=1`` uses the cache only);
+        ``pretrained=None`` gives a randomly initialised model of that architecture.
+        """
+        import open_clip
+
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, **model_kwargs
+        )
+        return cls(model, open_clip.get_tokenizer(model_name), preprocess, device=device, batch_size=batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's learned inverse temperature, ``exp(model.logit_scale)`` (100 for the released models)."""
+        return float(self.model.logit_scale.exp().item())
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", 77))
+
+    @functools.cached_property
+    def embed_dim(self) -> int:
+        return int(self.encode_texts([""]).shape[-1])
+
+    def _batch_size(self, batch_size: int | None) -> int:
+        size = self.batch_size if batch_size is None else batch_size
+        if size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {size}")
+        return size
+
+    @torch.no_grad()
+    def encode_images(
+        self, images: Sequence[ImageLike] | torch.Tensor, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """Embed images: PIL images of any mode, paths, or a preprocessed ``(N, 3, H, W)`` tensor -> ``(N, D)``."""
+        size = self._batch_size(batch_size)
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4:
+                raise ValueError(f"images tensor must be (N, 3, H, W), got shape {tuple(images.shape)}")
+            chunks = [images[i : i + size] for i in range(0, len(images), size)]
+        else:
+            if isinstance(images, (Image.Image, str, os.PathLike)):
+                raise TypeError("encode_images expects a sequence of images; wrap a single image in a list")
+            images = list(images)
+            chunks = [
+                torch.stack([self.preprocess(load_image(img)) for img in images[i : i + size]])
+                for i in range(0, len(images), size)
+            ]
+        out = [self._embed(self.model.encode_image, chunk) for chunk in chunks]
+        return torch.cat(out) if out else self._empty()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
+        """Embed texts -> ``(N, D)``. Texts longer than the context are truncated, counted and warned about."""
+        if isinstance(texts, str):
+            raise TypeError("encode_texts expects a sequence of strings; wrap a single text in a list")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+        self._count_truncated(texts)
+        size = self._batch_size(batch_size)
+        out = [
+            self._embed(self.model.encode_text, self.tokenize(texts[i : i + size]))
+            for i in range(0, len(texts), size)
+        ]
+        return torch.cat(out) if out else self._empty()
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids ``(N, context_length)`` as the text tower expects them (truncated to the context)."""
+        return self.tokenizer(list(texts))
+
+    def _embed(self, encode: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device)
+        if batch.is_floating_point():
+            batch = batch.to(self.dtype)
+        return F.normalize(encode(batch).float(), dim=-1).to(self.dtype)
+
+    def _empty(self) -> torch.Tensor:
+        return torch.empty(0, self.embed_dim, device=self.device, dtype=self.dtype)
+
+    def _count_truncated(self, texts: list[str]) -> None:
+        """Count texts whose tokens (plus start/end markers) exceed the context; warn once per scorer."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is None:  # Hugging Face tokenizers wrapped by open_clip truncate on their own.
+            return
+        limit = self.context_length - 2
+        over = sum(len(encode(text)) > limit for text in texts)
+        if not over:
+            return
+        self.num_truncated += over
+        if not self._warned_truncation:
+            self._warned_truncation = True
+            logger.warning(
+                "%d caption(s) exceed CLIP's context of %d tokens and were truncated; "
+                "ClipScorer.num_truncated keeps the running count (this warning is shown once).",
+                over,
+                self.context_length,
+            )
