@@ -1,0 +1,137 @@
+"""ClipScorer on a tiny random open_clip model: normalisation, batching, inputs, truncation, errors."""
+
+import logging
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.transform import image_transform
+from PIL import Image
+
+from clip_rl_trl import ClipScorer
+
+
+@pytest.fixture(scope="module")
+def scorer() -> ClipScorer:
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=64,
+        vision_cfg=dict(image_size=32, patch_size=4, width=96, layers=3, head_width=32),
+        text_cfg=dict(context_length=24, width=64, heads=4, layers=2),
+    )
+    return ClipScorer(model, open_clip.SimpleTokenizer(context_length=24), image_transform(32, is_train=False))
+
+
+def _images() -> list[Image.Image]:
+    return [
+        Image.new("RGB", (32, 32), (255, 0, 0)),
+        Image.new("L", (48, 40), 128),  # grayscale, other size
+        Image.new("RGBA", (32, 32), (0, 0, 255, 128)),
+        Image.new("P", (32, 32), 3),
+    ]
+
+
+def test_embeddings_are_normalised_and_frozen(scorer: ClipScorer) -> None:
+    txt = scorer.encode_texts(["a red circle", "a blue square on a gray background"])
+    img = scorer.encode_images(_images())
+    assert txt.shape == (2, 64) and img.shape == (4, 64)
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
+    assert not txt.requires_grad and not img.requires_grad
+    assert all(not p.requires_grad for p in scorer.model.parameters())
+    assert not scorer.model.training
+
+
+def test_matches_open_clip_directly(scorer: ClipScorer) -> None:
+    texts = ["a small green triangle", "a circle"]
+    with torch.no_grad():
+        expected = F.normalize(scorer.model.encode_text(open_clip.SimpleTokenizer(context_length=24)(texts)), dim=-1)
+    torch.testing.assert_close(scorer.encode_texts(texts), expected)
+
+
+def test_batch_size_does_not_change_results(scorer: ClipScorer) -> None:
+    texts = [f"a {c} circle" for c in ["red", "blue", "green", "gray", "white"]]
+    torch.testing.assert_close(scorer.encode_texts(texts, batch_size=2), scorer.encode_texts(texts, batch_size=64))
+    imgs = _images()
+    torch.testing.assert_close(
+        scorer.encode_images(imgs, batch_size=3), scorer.encode_images(imgs, batch_size=1), atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="batch_size"):
+        scorer.encode_texts(texts, batch_size=0)
+
+
+def test_paths_tensors_and_pil_agree(scorer: ClipScorer, tmp_path) -> None:
+    imgs = _images()
+    paths = []
+    for i, img in enumerate(imgs):
+        path = tmp_path / f"{i}.png"
+        img.save(path)
+        paths.append(path)
+    from_pil = scorer.encode_images(imgs)
+    torch.testing.assert_close(scorer.encode_images(paths), from_pil)
+    torch.testing.assert_close(scorer.encode_images([str(p) for p in paths]), from_pil)
+    pixels = torch.stack([scorer.preprocess(img.convert("RGB")) for img in imgs])
+    torch.testing.assert_close(scorer.encode_images(pixels), from_pil)
+
+
+def test_unreadable_image_names_the_path(scorer: ClipScorer, tmp_path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        scorer.encode_images([bad])
+    with pytest.raises(ValueError, match="missing.png"):
+        scorer.encode_images([tmp_path / "missing.png"])
+
+
+def test_bad_inputs_raise_clear_errors(scorer: ClipScorer) -> None:
+    with pytest.raises(TypeError, match="sequence of strings"):
+        scorer.encode_texts("a circle")
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        scorer.encode_texts(["a circle", None])
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        scorer.encode_images(torch.zeros(3, 32, 32))
+    with pytest.raises(TypeError, match="list"):
+        scorer.encode_images(_images()[0])
+
+
+def test_long_texts_are_truncated_counted_and_warned_once(scorer: ClipScorer, caplog) -> None:
+    scorer.num_truncated = 0
+    scorer._warned_truncation = False
+    long = "a large red circle on the left and a small blue square on the right " * 3
+    with caplog.at_level(logging.WARNING, logger="clip_rl_trl.clip"):
+        out = scorer.encode_texts([long, "a circle", long])
+        scorer.encode_texts([long])
+    assert out.shape == (3, 64)
+    assert scorer.num_truncated == 3
+    assert sum("truncated" in r.message for r in caplog.records) == 1
+    # Truncation keeps the first context_length tokens: the embedding equals that of the clipped text.
+    tokens = scorer.tokenize([long])
+    assert tokens.shape == (1, 24)
+
+
+def test_empty_inputs_and_properties(scorer: ClipScorer) -> None:
+    assert scorer.encode_texts([]).shape == (0, 64)
+    assert scorer.encode_images([]).shape == (0, 64)
+    assert scorer.encode_texts([""]).shape == (1, 64)  # an empty caption is a legal policy output
+    assert scorer.context_length == 24
+    assert scorer.embed_dim == 64
+    assert scorer.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
+    assert scorer.device == torch.device("cpu") and scorer.dtype == torch.float32
+
+
+def test_from_open_clip_random_init_offline() -> None:
+    scorer = ClipScorer.from_open_clip("RN50", pretrained=None, batch_size=4)
+    assert scorer.context_length == 77
+    emb = scorer.encode_texts(["a photo of a dog"])
+    assert emb.shape == (1, 1024)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(1))
+
+
+def test_from_open_clip_unknown_pretrained_fails_loudly() -> None:
+    with pytest.raises(RuntimeError):
+        ClipScorer.from_open_clip("ViT-B-32", pretrained="no-such-tag")
