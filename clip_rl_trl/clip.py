@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,6 +58,10 @@ class ClipScorer:
         self.batch_size = batch_size
         self.num_truncated = 0
         self._warned_truncation = False
+        # The last few text lists encoded through `encode_texts_shared` (completions, greedy captions,
+        # references of one step): every reward of a step reads one CLIP text pass.
+        self._shared: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self.shared_capacity = 4
 
     @classmethod
     def from_open_clip(
@@ -143,6 +148,23 @@ class ClipScorer:
             for i in range(0, len(texts), size)
         ]
         return torch.cat(out) if out else self._empty()
+
+    def encode_texts_shared(self, texts: Sequence[str]) -> torch.Tensor:
+        """``encode_texts`` that remembers the last ``shared_capacity`` distinct lists of texts.
+
+        The reward functions of one training step all call this with the step's completions: the first call runs
+        the CLIP text tower, the others read its result. The returned tensor must not be modified in place.
+        """
+        key = tuple(texts)
+        hit = self._shared.get(key)
+        if hit is not None:
+            self._shared.move_to_end(key)
+            return hit
+        emb = self.encode_texts(key)
+        self._shared[key] = emb
+        while len(self._shared) > self.shared_capacity:
+            self._shared.popitem(last=False)
+        return emb
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids ``(N, context_length)`` as the text tower expects them (truncated to the context)."""

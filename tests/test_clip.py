@@ -135,3 +135,18 @@ def test_from_open_clip_random_init_offline() -> None:
 def test_from_open_clip_unknown_pretrained_fails_loudly() -> None:
     with pytest.raises(RuntimeError):
         ClipScorer.from_open_clip("ViT-B-32", pretrained="no-such-tag")
+
+
+def test_shared_encoding_runs_the_text_tower_once_per_distinct_list(scorer: ClipScorer, monkeypatch) -> None:
+    calls = []
+    original = scorer.model.encode_text
+    monkeypatch.setattr(scorer.model, "encode_text", lambda tokens: calls.append(len(tokens)) or original(tokens))
+    step = ["a red circle", "a blue square", ""]
+    first = scorer.encode_texts_shared(step)
+    again = scorer.encode_texts_shared(list(step))
+    assert again is first and calls == [3]
+    torch.testing.assert_close(first, scorer.encode_texts(step))
+    for i in range(scorer.shared_capacity):
+        scorer.encode_texts_shared([f"caption {i}"])
+    scorer.encode_texts_shared(step)  # evicted by the newer lists: encoded again
+    assert calls[-1] == 3 and len(calls) == 2 + scorer.shared_capacity + 1
