@@ -1,0 +1,17 @@
+"""The evaluation suite: CLIP retrieval, Group Embedding Gap, CLIP-S, COCO caption metrics, diversity."""
+
+from clip_rl_trl.evaluation.diversity import distinct_n, novelty, self_bleu, vocab_size
+from clip_rl_trl.evaluation.evaluate import evaluate_captions
+from clip_rl_trl.evaluation.nlg import coco_caption_metrics
+from clip_rl_trl.evaluation.retrieval import precision_at_1, recall_at_k
+
+__all__ = [
+    "coco_caption_metrics",
+    "distinct_n",
+    "evaluate_captions",
+    "novelty",
+    "precision_at_1",
+    "recall_at_k",
+    "self_bleu",
+    "vocab_size",
+]
