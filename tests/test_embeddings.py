@@ -1,0 +1,309 @@
+"""ImageEmbeddingCache: building with a tiny CLIP, look-ups, id types, safetensors round trips, corrupt files."""
+
+import json
+import os
+import struct
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import datasets
+import numpy as np
+import open_clip
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from open_clip.transform import image_transform
+from PIL import Image
+
+from clip_rl_trl.clip import ClipScorer
+from clip_rl_trl.embeddings import ImageEmbeddingCache
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 0), (10, 10, 10)]
+
+
+@pytest.fixture(scope="module")
+def scorer() -> ClipScorer:
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=64,
+        vision_cfg=dict(image_size=32, patch_size=4, width=96, layers=3, head_width=32),
+        text_cfg=dict(context_length=24, width=64, heads=4, layers=2),
+    )
+    preprocess = image_transform(32, is_train=False)
+    return ClipScorer(model, open_clip.SimpleTokenizer(context_length=24), preprocess, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    return [Image.new("RGB", (32, 32), c) for c in COLOURS]
+
+
+def _spy(scorer: ClipScorer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of every encode_images call."""
+    sizes: list[int] = []
+    encode = scorer.encode_images
+
+    def spy(imgs, batch_size=None):
+        sizes.append(len(imgs))
+        return encode(imgs, batch_size)
+
+    monkeypatch.setattr(scorer, "encode_images", spy)
+    return sizes
+
+
+def _cache(ids, n=None, d=4, dtype=torch.float32, seed=0) -> ImageEmbeddingCache:
+    g = torch.Generator().manual_seed(seed)
+    emb = F.normalize(torch.randn(len(ids) if n is None else n, d, generator=g), dim=1).to(dtype)
+    return ImageEmbeddingCache(ids, emb)
+
+
+# -- build ---------------------------------------------------------------------------------------------------
+
+
+def test_build_from_datasets_dataset_matches_scorer(scorer, images, monkeypatch) -> None:
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "image_id": [42, 7, 1000, 3, 99], "caption": list("abcde")}
+    )
+    ds = ds.cast_column("image", datasets.Image())
+    sizes = _spy(scorer, monkeypatch)
+    cache = ImageEmbeddingCache.build(ds, scorer, progress=False)
+    assert sizes == [2, 2, 1]  # batched by the scorer's batch_size
+    assert len(cache) == 5 and cache.dim == 64 and cache.id_type is int and cache.ids == [42, 7, 1000, 3, 99]
+    expected = scorer.encode_images(images)
+    torch.testing.assert_close(cache.embeddings, expected)
+    torch.testing.assert_close(cache[[1000, 42]], expected[[2, 0]])
+    torch.testing.assert_close(cache[7], expected[1])
+
+
+def test_build_from_rows_with_paths_and_str_ids(scorer, images, tmp_path) -> None:
+    rows = []
+    for i, img in enumerate(images[:3]):
+        path = tmp_path / f"{i}.png"
+        img.save(path)
+        rows.append({"file": str(path), "id": f"img-{i}"})
+    cache = ImageEmbeddingCache.build(rows, scorer, image_column="file", id_column="id", dtype=torch.float16)
+    assert cache.ids == ["img-0", "img-1", "img-2"] and cache.dtype == torch.float16
+    torch.testing.assert_close(cache[["img-2", "img-0"]], scorer.encode_images(images[:3])[[2, 0]].half())
+
+
+def test_build_from_mapping_of_columns(scorer, images) -> None:
+    cache = ImageEmbeddingCache.build({"image": images[:2], "image_id": [5, 6]}, scorer, progress=False)
+    torch.testing.assert_close(cache[[6]], scorer.encode_images(images[1:2]))
+
+
+def test_build_missing_column_names_it_and_the_present_ones(scorer, images) -> None:
+    ds = datasets.Dataset.from_dict({"img": [0, 1], "image_id": [1, 2]})
+    with pytest.raises(ValueError, match=r"no column 'image'; its columns are \['img', 'image_id'\]"):
+        ImageEmbeddingCache.build(ds, scorer)
+    with pytest.raises(ValueError, match=r"no column 'id'; its columns are \['image', 'image_id'\]"):
+        ImageEmbeddingCache.build([{"image": images[0], "image_id": 1}], scorer, id_column="id")
+
+
+def test_build_duplicate_or_mixed_ids_fail_before_any_image_is_embedded(scorer, images, monkeypatch) -> None:
+    sizes = _spy(scorer, monkeypatch)
+    with pytest.raises(ValueError, match="duplicate image id 7"):
+        ImageEmbeddingCache.build({"image": images[:3], "image_id": [7, 8, 7]}, scorer)
+    with pytest.raises(
+        ValueError, match=r"ids must be all int or all str; ids\[0\] is int 1 but ids\[1\] is str '2'"
+    ):
+        ImageEmbeddingCache.build({"image": images[:2], "image_id": [1, "2"]}, scorer)
+    assert sizes == []
+
+
+def test_build_bad_image_names_the_rows(scorer, images) -> None:
+    with pytest.raises(ValueError, match=r"rows 2\.\.3 \(ids 'c'\.\.'d'\).*got NoneType"):
+        ImageEmbeddingCache.build({"image": [images[0]] * 3 + [None], "image_id": list("abcd")}, scorer)
+
+
+# -- look-ups ------------------------------------------------------------------------------------------------
+
+
+def test_lookup_forms_and_order() -> None:
+    cache = _cache([10, 3, 7, -2])
+    emb = cache.embeddings
+    torch.testing.assert_close(cache[[7, 10, 7]], emb[[2, 0, 2]])
+    torch.testing.assert_close(cache[torch.tensor([3, -2])], emb[[1, 3]])
+    torch.testing.assert_close(cache[np.array([[3], [7]], dtype=np.int32)], emb[[1, 2]])
+    torch.testing.assert_close(cache[(i for i in [7])], emb[[2]])
+    assert cache[[]].shape == (0, 4)
+    assert cache[np.int64(3)].shape == (4,)
+    assert cache.rows([7, 10]).tolist() == [2, 0] and cache.rows(3).item() == 1
+    assert list(cache) == [10, 3, 7, -2]
+
+
+def test_unknown_id_raises_key_error_naming_it() -> None:
+    cache = _cache([10, 3, 7])
+    with pytest.raises(
+        KeyError, match=r"image id 5 is not in the cache \(2 of the 3 ids asked for are missing\)"
+    ):
+        cache[[3, 5, 6]]
+    with pytest.raises(KeyError, match="image id 2.5 \\(float\\) is not in the cache: its ids are int"):
+        cache[[2.5]]
+    with pytest.raises(KeyError, match=r"image id True \(bool\)"):
+        cache[True]
+    with pytest.raises(TypeError, match="not slice"):
+        cache[0:2]
+
+
+def test_int_and_str_ids_are_distinct_and_the_error_suggests_the_other_type() -> None:
+    ints, strs = _cache([1, 2]), _cache(["1", "x"])
+    assert 1 in ints and "1" not in ints and "1" in strs and 1 not in strs and "zz" not in strs
+    with pytest.raises(
+        KeyError, match=r"image id '1' \(str\) is not in the cache: its ids are int; did you mean 1\?"
+    ):
+        ints["1"]
+    with pytest.raises(KeyError, match=r"image id '9' \(str\) is not in the cache: its ids are int") as err:
+        ints[["9"]]
+    assert "did you mean" not in str(err.value)
+    with pytest.raises(
+        KeyError, match=r"image id 1 \(int\) is not in the cache: its ids are str; did you mean '1'\?"
+    ):
+        strs[[1]]
+
+
+def test_constructor_validates() -> None:
+    with pytest.raises(ValueError, match="3 ids but 2 embedding rows"):
+        _cache([1, 2, 3], n=2)
+    with pytest.raises(ValueError, match="duplicate image id 'a'"):
+        _cache(["a", "b", "a"])
+    with pytest.raises(ValueError, match="ids is empty"):
+        _cache([], n=0)
+    with pytest.raises(ValueError, match="NUL"):
+        _cache(["a\x00"])
+    with pytest.raises(ValueError, match="does not fit in int64"):
+        _cache([2**63])
+    with pytest.raises(ValueError, match="floating"):
+        ImageEmbeddingCache([1], torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"the embedding of image id 'b' \(row 1\) is not finite"):
+        ImageEmbeddingCache(["a", "b"], torch.tensor([[1.0, 0.0], [float("nan"), 0.0]]))
+
+
+def test_to_changes_dtype_and_keeps_ids() -> None:
+    cache = _cache(["a", "b"])
+    half = cache.to(dtype=torch.float16)
+    assert half.dtype == torch.float16 and half.ids == ["a", "b"]
+    torch.testing.assert_close(half["b"], cache["b"].half())
+
+
+# -- save / load ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("ids", [[100, -5, 2**40, 7], ["b", "ä-ünï", "", "a-longer/id.jpg"]])
+def test_round_trip_and_readable_by_safetensors(tmp_path, dtype, ids) -> None:
+    cache = _cache(ids, d=6, dtype=dtype)
+    path = cache.save(tmp_path / "cache.safetensors")
+    for mmap in (True, False):
+        loaded = ImageEmbeddingCache.load(path, mmap=mmap)
+        assert loaded.ids == ids and loaded.dtype == dtype and loaded.id_type is type(ids[0])
+        assert torch.equal(loaded.embeddings, cache.embeddings)
+        assert torch.equal(loaded[[ids[2], ids[0]]], cache.embeddings[[2, 0]])
+    tensors = safetensors.torch.load_file(path)
+    assert torch.equal(tensors["embeddings"], cache.embeddings)
+    if isinstance(ids[0], int):
+        assert tensors["ids"].tolist() == ids
+    else:
+        assert [bytes(r).rstrip(b"\0").decode() for r in tensors["ids"].tolist()] == ids
+
+
+def test_embeddings_start_on_a_page_boundary(tmp_path) -> None:
+    path = _cache([1, 2, 3]).save(tmp_path / "c.safetensors")
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    assert (8 + length + header["embeddings"]["data_offsets"][0]) % 4096 == 0
+
+
+def test_load_is_copy_on_write_and_save_over_the_loaded_file_is_safe(tmp_path) -> None:
+    path = _cache([1, 2]).save(tmp_path / "c.safetensors")
+    loaded = ImageEmbeddingCache.load(path)
+    original = loaded[1].clone()
+    loaded.embeddings[0] = 0.0  # private pages: the file is untouched
+    torch.testing.assert_close(ImageEmbeddingCache.load(path)[1], original)
+    loaded.save(path)
+    assert ImageEmbeddingCache.load(path)[1].abs().sum() == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc and posix_fadvise")
+def test_load_maps_instead_of_reading(tmp_path) -> None:
+    # 16 MiB of embeddings: a memory-mapped open + 20 look-ups maps a few pages, a full read maps all of it.
+    path = _cache(list(range(8192)), d=512, dtype=torch.float32).save(tmp_path / "c.safetensors")
+    # Drop the just-written file from the page cache, as for a cache on disk: the kernel maps whole cached
+    # folios on a fault, which would make RssFile reflect the page cache rather than what the cache touches.
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    before = _rss_file_kb()
+    cache = ImageEmbeddingCache.load(path)
+    cache[list(range(0, 8192, 410))]
+    assert _rss_file_kb() - before < 4 * 1024
+    assert cache.embeddings.sum().isfinite()  # reading everything does map the file
+    assert _rss_file_kb() - before > 12 * 1024
+
+
+def _rewrite_header(path, edit) -> None:
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    raw = json.dumps(header).encode().ljust(length)
+    assert len(raw) == length
+    path.write_bytes(data[:8] + raw + data[8 + length :])
+
+
+def test_corrupt_or_foreign_files_raise_naming_the_problem(tmp_path) -> None:
+    good = _cache([1, 2, 3]).save(tmp_path / "good.safetensors")
+    data = good.read_bytes()
+
+    def write(name, content) -> os.PathLike:
+        (tmp_path / name).write_bytes(content)
+        return tmp_path / name
+
+    with pytest.raises(ValueError, match="not a safetensors file: it has 3 bytes"):
+        ImageEmbeddingCache.load(write("tiny", b"abc"))
+    with pytest.raises(ValueError, match="header length"):
+        ImageEmbeddingCache.load(write("len", struct.pack("<Q", 10**9) + data[8:]))
+    with pytest.raises(ValueError, match="unreadable header"):
+        ImageEmbeddingCache.load(write("json", data[:8] + b"x" + data[9:]))
+    with pytest.raises(
+        ValueError, match=r"corrupt or truncated cache: 'embeddings' F32\[3, 4\] needs 48 bytes"
+    ):
+        ImageEmbeddingCache.load(write("truncated", data[:-30]))
+    safetensors.torch.save_file({"embeddings": torch.ones(2, 2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(ValueError, match="was not written by ImageEmbeddingCache.save"):
+        ImageEmbeddingCache.load(tmp_path / "foreign.safetensors")
+
+    cases = {
+        "rows": (
+            lambda h: h["ids"].update(shape=[2], data_offsets=[0, 16]),
+            "needs|2 ids but 3 embedding rows",
+        ),
+        "dtype": (lambda h: h["embeddings"].update(dtype="I32"), "'embeddings' has dtype 'I32'"),
+        "version": (
+            lambda h: h["__metadata__"].update(version="9"),
+            "unsupported ImageEmbeddingCache format version",
+        ),
+        "idtype": (lambda h: h["__metadata__"].update(id_type="float"), "id_type is 'float'"),
+        "missing": (lambda h: h.pop("ids"), "no 'ids' tensor"),
+    }
+    for name, (edit, message) in cases.items():
+        path = write(name, data)
+        _rewrite_header(path, edit)
+        with pytest.raises(ValueError, match=message):
+            ImageEmbeddingCache.load(path)
+    # Duplicate ids written into the data section: caught at load.
+    dup = _cache([1, 2, 3]).save(tmp_path / "dup.safetensors")
+    raw = bytearray(dup.read_bytes())
+    (length,) = struct.unpack("<Q", raw[:8])
+    raw[8 + length + 8 : 8 + length + 16] = struct.pack("<q", 1)  # ids[1] := 1
+    with pytest.raises(ValueError, match="corrupt cache: duplicate image id 1"):
+        ImageEmbeddingCache.load(write("dup.safetensors", bytes(raw)))
