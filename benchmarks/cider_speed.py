@@ -40,7 +40,7 @@ def synthetic_captions(
     lengths = rng.integers(5, 21, size=num_images * refs_per_image)
     words = zipf_words(int(lengths.sum()))
     ends = np.cumsum(lengths)
-    flat = [" ".join(words[e - n : e]) for e, n in zip(ends, lengths)]
+    flat = [" ".join(words[e - n : e]) for e, n in zip(ends, lengths, strict=True)]
     refs = [flat[i * refs_per_image : (i + 1) * refs_per_image] for i in range(num_images)]
     # A candidate is one of its image's references with each word replaced with probability 0.3, so that it
     # shares n-grams of every order with its references, as a trained captioner's output does.
@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: python {' '.join(sys.argv)}")
     print(f"data: {args.images} images x {args.refs} refs, {args.images} candidates, vocab {args.vocab}")
     print(f"pycocoevalcap Cider.compute_score:   {t_coco:8.3f} s")
-    print(f"CiderD cold (setup + first score):   {t_cold:8.3f} s  (setup {t_setup:.3f} s, score {t_first:.3f} s)")
+    print(
+        f"CiderD cold (setup + first score):   {t_cold:8.3f} s  (setup {t_setup:.3f} s, score {t_first:.3f} s)"
+    )
     print(f"CiderD warm (cached references):     {t_warm:8.3f} s")
     print(f"CiderD warm, {step} captions:           {t_small * 1e3:8.2f} ms")
     print(f"speed-up cold (pycocoevalcap / ours): {t_coco / t_cold:8.1f}x")
