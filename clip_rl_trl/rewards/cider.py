@@ -190,7 +190,8 @@ class CiderD:
             dots = np.bincount(pair[hit] * _N + order, weights=clipped, minlength=num_pairs * _N)
         dots = dots.reshape(num_pairs, _N)
         denom = cand.norms[item_of_pair] * ref_norms
-        cosine = np.divide(dots, denom, out=dots, where=denom != 0)
+        # A zero norm means a zero vector, so a zero dot product: the cosine stays 0 (as in pycocoevalcap).
+        cosine = np.divide(dots, denom, out=np.zeros_like(denom), where=denom != 0)
         delta = (cand.lengths[item_of_pair] - ref_lengths).astype(np.float64)
         penalty = np.exp(-(delta**2) / (2.0 * self.sigma**2))
         per_pair = cosine.mean(axis=1) * penalty
