@@ -84,30 +84,38 @@ def _validate(
             if not x.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
             x = x.float()
-            if not torch.isfinite(x).all():
-                raise ValueError(f"{name} contains {'NaN' if torch.isnan(x).any() else 'inf'}")
         elif kind == "int":
             if x.dtype not in _INT_DTYPES:
                 raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
         elif x.dtype != torch.bool:
             raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
         out[name] = x
-    # After the loop, so that the masks named in unit_norm_where have been checked themselves.
+    # After the loop, so that the masks named in unit_norm_where have been checked themselves. One norm per
+    # row covers both checks: a NaN or inf element makes its row's norm NaN or inf, so the exact element-wise
+    # scans run only to word the error. Padding rows are exempt from the norm, not from finiteness.
     for name, (_, spec) in specs.items():
         x = out[name]
         if x is None or not spec.startswith("float"):
             continue
-        off = (x.detach().norm(dim=-1) - 1).abs() > _NORM_TOL
+        x = x.detach()
+        norms = x.norm(dim=-1)
+        off = (norms - 1).abs() > _NORM_TOL
         mask_name = (unit_norm_where or {}).get(name)
         if mask_name is not None:
             off &= out[mask_name]
-        if off.any():
-            index = tuple(int(i) for i in off.nonzero()[0])
-            norm = float(x.detach()[index].norm())
-            raise ValueError(
-                f"{name} must hold L2-normalised rows, but row {index if len(index) > 1 else index[0]} has "
-                f"norm {norm:.4g}; normalise with torch.nn.functional.normalize(x, dim=-1)"
-            )
+        if not (off | ~torch.isfinite(norms)).any():
+            continue
+        if torch.isnan(x).any():
+            raise ValueError(f"{name} contains NaN")
+        if torch.isinf(x).any():
+            raise ValueError(f"{name} contains inf")
+        if not off.any():  # finite padding so large that its norm overflowed: harmless, it is masked out
+            continue
+        index = tuple(int(i) for i in off.nonzero()[0])
+        raise ValueError(
+            f"{name} must hold L2-normalised rows, but row {index if len(index) > 1 else index[0]} has norm "
+            f"{float(norms[index]):.4g}; normalise with torch.nn.functional.normalize(x, dim=-1)"
+        )
     return out
 
 
