@@ -119,8 +119,10 @@ class _IdIndex:
             single, values = False, list(ids)
         else:
             raise TypeError(f"look up one id (int or str) or a sequence of ids, not {type(ids).__name__}")
+        # set(map(type, ...)) runs in C: the common all-int / all-str batch pays no per-id Python call.
+        types = set(map(type, values))
         if self.id_type is int:
-            bad = next((v for v in values if not _is_int_id(v)), None)
+            bad = None if types <= {int} else next((v for v in values if not _is_int_id(v)), None)
             if bad is not None:
                 raise KeyError(self._wrong_type_message(bad))
             try:
@@ -128,7 +130,10 @@ class _IdIndex:
             except OverflowError:
                 big = next(v for v in values if not -(2**63) <= v < 2**63)
                 raise KeyError(f"image id {big} is not in the cache (it does not fit in int64)") from None
-        bad = next((v for v in values if not isinstance(v, str) or "\x00" in v), None)
+        if types <= {str} and "\x00" not in "".join(values):
+            bad = None
+        else:
+            bad = next((v for v in values if not isinstance(v, str) or "\x00" in v), None)
         if bad is not None:
             raise KeyError(self._wrong_type_message(bad))
         return np.array([v.encode("utf-8") for v in values], dtype=bytes), single
