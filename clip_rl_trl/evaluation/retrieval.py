@@ -84,8 +84,8 @@ def _check_ties(ties: str) -> None:
 def _hit(greater: Tensor, ties: Tensor, k: int, policy: str) -> Tensor:
     """Per query: ``clamp((k - g) / (t + 1), 0, 1)`` ("expected") or ``1[g + t < k]`` ("strict")."""
     if policy == "strict":
-        return (greater + ties < k).float()
-    return ((k - greater).float() / (ties + 1).float()).clamp(0, 1)
+        return (greater + ties < k).double()
+    return ((k - greater).double() / (ties + 1).double()).clamp(0, 1)
 
 
 def recall_at_k(
@@ -117,7 +117,7 @@ def recall_at_k(
         sims = q @ key.T
         greater, tied = _tie_counts(sims, sims[rows, rows + start], atol)
         for i, kk in enumerate(ks):
-            hits[i] += _hit(greater, tied, kk, ties).sum().double().cpu()
+            hits[i] += _hit(greater, tied, kk, ties).sum().cpu()
     return {kk: float(h / n) for kk, h in zip(ks, hits, strict=True)}
 
 
