@@ -1,7 +1,40 @@
 """clip-rl-trl: distinctive image captioning with CLIP-guided reinforcement learning on top of TRL."""
 
 from clip_rl_trl.clip import ClipScorer
+from clip_rl_trl.embeddings import ImageEmbeddingCache
+from clip_rl_trl.neighbors import similar_image_groups
+from clip_rl_trl.rewards import functional
+from clip_rl_trl.rewards.callables import (
+    BidirectionalReward,
+    CiderReward,
+    ClipSReward,
+    DiscriminatorReward,
+    GrammarReward,
+    GroupGapReward,
+    RetrievalReward,
+)
+from clip_rl_trl.rewards.cider import CiderD
+from clip_rl_trl.rewards.discriminator import Discriminator
+from clip_rl_trl.rewards.grammar import GrammarHead, make_grammar_negatives, train_grammar_head
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["ClipScorer", "__version__"]
+__all__ = [
+    "BidirectionalReward",
+    "CiderD",
+    "CiderReward",
+    "ClipSReward",
+    "ClipScorer",
+    "Discriminator",
+    "DiscriminatorReward",
+    "GrammarHead",
+    "GrammarReward",
+    "GroupGapReward",
+    "ImageEmbeddingCache",
+    "RetrievalReward",
+    "__version__",
+    "functional",
+    "make_grammar_negatives",
+    "similar_image_groups",
+    "train_grammar_head",
+]
