@@ -79,6 +79,7 @@ def test_matches_pycocoevalcap_on_random_captions():
     candidates = random_captions(rng, 300, 0, 16)
     # Words absent from the corpus, alone, inside known n-grams and repeated (tf 2 of an unseen unigram).
     candidates[:4] = ["", "zz", "w0 zz w1 w0 zz", "yy yy w2"]
+    refs[5] = ["", candidates[5]]  # an empty reference string counts in the mean and contributes 0
     expected = coco_scores(candidates, refs)
     scores = CiderD(refs).score(candidates, refs)
     assert expected.max() > 1.0  # the data exercise real overlaps, not only zeros

@@ -42,9 +42,9 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 class _RefVectors(NamedTuple):
     """The cached tf-idf vectors of one reference list (all n-gram orders together)."""
 
-    ngrams: np.ndarray  # (E,) int64, ``id << _ORDER_BITS | (k - 1)``
+    ngrams: np.ndarray  # (E,) int32 (int64 for huge tables), ``id << _ORDER_BITS | (k - 1)``
     weights: np.ndarray  # (E,) float64, tf * idf
-    ref_index: np.ndarray  # (E,) int64, which reference of the list the entry belongs to
+    ref_index: np.ndarray  # (E,) uint8 (int32 past 255 references), which reference of the list
     norms: np.ndarray  # (R, n) float64, L2 norm of each reference's order-k vector
     lengths: np.ndarray  # (R,) int64, the length used by the penalty (see ``_penalty_lengths``)
 
@@ -72,8 +72,8 @@ class CiderD:
     ``normalize=True`` lowercases and deletes ASCII punctuation before splitting (a convenience for raw text;
     it is not the PTB tokenizer, so values then differ from pycocoevalcap on punctuated text).
 
-    Reference vectors are cached per reference list (keyed by the tuple of its strings, about 4 KB per list of
-    five COCO captions), so the trainer's repeated calls on the same images only pay for the candidates.
+    Reference vectors are cached per reference list (keyed by the tuple of its strings, about 3 KB per list of
+    five COCO-length captions), so the trainer's repeated calls on the same images only pay for the candidates.
     """
 
     def __init__(
@@ -220,6 +220,10 @@ class CiderD:
         ngrams = bag.keys[by_ngram] & _KEY_MASK
         weights = bag.weights[by_ngram]
         local = sent - first_sentence[list_of[by_ngram]]
+        # The cache is most of CiderD's memory: store n-grams and reference indices in the smallest dtype.
+        # (No uint64: mixed with int64 it would promote to float.)
+        ngrams = ngrams.astype(np.int32 if ngrams.max(initial=0) < 2**31 else np.int64)
+        local = local.astype(np.uint8 if counts.max() < 2**8 else np.int32)
         bounds = np.searchsorted(list_of[by_ngram], np.arange(len(lists) + 1)).tolist()
         first = first_sentence.tolist()
         for i, refs in enumerate(lists):
