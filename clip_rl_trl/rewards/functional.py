@@ -17,6 +17,7 @@ Conventions shared by every function:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,10 +121,10 @@ def _validate(
 
 
 def _positive(name: str, value: Any) -> float:
-    """A finite scalar > 0 (a Python number or a one-element tensor) as a float."""
+    """A finite scalar > 0 (a real number, NumPy scalars included, or a one-element tensor) as a float."""
     if isinstance(value, Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
