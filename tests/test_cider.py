@@ -188,3 +188,20 @@ def test_bad_score_input_raises(candidates, refs, message):
 def test_bad_corpus_raises(corpus, kwargs, message):
     with pytest.raises(ValueError, match=message):
         CiderD(corpus, **kwargs)
+
+
+def test_chunked_processing_gives_the_same_values(monkeypatch):
+    # Inputs over _CHUNK sentences are processed in pieces (construction, reference caching and scoring);
+    # shrink the chunk to exercise those paths on small data.
+    rng = np.random.default_rng(4)
+    refs = random_ref_lists(rng, 40)
+    candidates = random_captions(rng, 40, 0, 12)
+    other = random_ref_lists(rng, 40)
+    expected = coco_scores(candidates, refs)
+    expected_other = CiderD(refs).score(candidates, other)
+    # 3 sentences: most chunks hold one or two lists, and lists of 4-5 references exceed the chunk alone.
+    monkeypatch.setattr("clip_rl_trl.rewards.cider._CHUNK", 3)
+    cider = CiderD(refs)
+    assert cider.cache_size == 40
+    np.testing.assert_allclose(cider.score(candidates, refs), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(cider.score(candidates, other), expected_other, rtol=0, atol=1e-12)
