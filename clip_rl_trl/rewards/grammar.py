@@ -270,7 +270,7 @@ def load_text_tower(scorer: ClipScorer, path: str | os.PathLike) -> ClipScorer:
             f"{os.fspath(path)!r} is not this model's text tower: missing {missing}, unexpected {extra}"
         )
     model = copy.deepcopy(scorer.model)
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(weights, strict=False)
     return ClipScorer(model, scorer.tokenizer, scorer.preprocess, batch_size=scorer.batch_size)
 
 
