@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,18 +70,21 @@ def _measure(path: str, rows: int, kind: str, lookups: int, batch: int, mmap: bo
     cache = ImageEmbeddingCache.load(path, mmap=mmap)
     load_s = time.perf_counter() - start
     opened = _rss_mb()
-    start = time.perf_counter()
     checksum = 0.0
+    first = []
     for ids in batches:
+        start = time.perf_counter()
         checksum += float(cache[ids][:, 0].float().sum())
-    lookup_s = time.perf_counter() - start
-    start = time.perf_counter()
+        first.append(time.perf_counter() - start)
+    warm = []
     for ids in batches:  # the same rows again: now resident, the steady state of a training run
+        start = time.perf_counter()
         cache[ids]
-    warm_s = time.perf_counter() - start
+        warm.append(time.perf_counter() - start)
     done = _rss_mb()
-    result: dict[str, float] = {"load_s": load_s, "first_us": 1e6 * lookup_s / len(batches)}
-    result["warm_us"] = 1e6 * warm_s / len(batches)
+    # Medians: on a shared machine a few batches stall on a descheduled thread and would dominate a mean.
+    result: dict[str, float] = {"load_s": load_s, "first_us": 1e6 * statistics.median(first)}
+    result["warm_us"] = 1e6 * statistics.median(warm)
     result.update({f"open_{k}": opened[k] - base[k] for k in base})
     result.update({f"total_{k}": done[k] - base[k] for k in base})
     assert checksum == checksum  # the look-ups really ran (and returned finite values)
@@ -161,14 +165,14 @@ def main() -> None:
 
     print(
         f"\n{'mode':<18} {'load s':>7} {'open: RSS MB (anon / file)':>27} "
-        f"{'+ look-ups: RSS MB (anon / file)':>33} {'us/batch first':>15} {'us/batch warm':>14}"
+        f"{'+ look-ups: RSS MB (anon / file)':>33} {'median us/batch: first':>23} {'warm':>6}"
     )
     for mode, r in results.items():
         print(
             f"{mode:<18} {r['load_s']:>7.2f} "
             f"{r['open_VmRSS']:>9.1f} ({r['open_RssAnon']:>6.1f} / {r['open_RssFile']:>7.1f}) "
             f"{r['total_VmRSS']:>15.1f} ({r['total_RssAnon']:>6.1f} / {r['total_RssFile']:>7.1f}) "
-            f"{r['first_us']:>15.0f} {r['warm_us']:>14.0f}"
+            f"{r['first_us']:>23.0f} {r['warm_us']:>6.0f}"
         )
     cold, full = results["mmap, cold"], results["load(mmap=False)"]
     print(
