@@ -136,6 +136,8 @@ def test_seeded_and_deterministic() -> None:
 def test_avoid_rejects_known_grammatical_captions() -> None:
     sampler = GrammarNegativeSampler(0, kinds=("remove",), max_ngram=1, avoid={"a circle", "a  red"})
     assert {sampler.sample("a red circle")[0] for _ in range(50)} == {"red circle"}
+    is_known = GrammarNegativeSampler(0, kinds=("remove",), max_ngram=1, avoid=lambda t: t.startswith("a "))
+    assert {is_known.sample("a red circle")[0] for _ in range(50)} == {"red circle"}
     with pytest.raises(ValueError, match="outside `avoid`"):
         GrammarNegativeSampler(0, kinds=("remove",), avoid={"circle", "a"}, max_tries=10).sample("a circle")
 

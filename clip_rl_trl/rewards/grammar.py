@@ -45,9 +45,10 @@ class GrammarNegativeSampler:
     - ``swap``: exchange two non-overlapping n-grams of the same length (-> ``circle red a``);
     - ``shuffle``: shuffle all the tokens of the caption (-> ``red circle a``).
 
-    A negative is never the caption itself (compared token by token) and never one of ``avoid`` (e.g. the
-    set of training captions, so that removing an adjective from ``a red circle`` does not label the
-    grammatical ``a circle`` as a negative; Cho et al. do not filter). Short captions: a one-word caption can
+    A negative is never the caption itself (compared token by token) and never one of ``avoid``: a
+    collection of known-grammatical captions (e.g. the training captions) or a predicate
+    ``avoid(text) -> bool`` (e.g. a grammar checker), so that removing an adjective from ``a red circle``
+    does not label the grammatical ``a circle`` a negative. Cho et al. do not filter: ``avoid=None``. Short captions: a one-word caption can
     only be repeated or receive an insertion (``circle`` -> ``circle circle``); a two-word caption also loses
     a word (``a circle`` -> ``circle``) or has its two words swapped. An empty caption with no ``vocab`` has
     no negative and raises ``ValueError``. The same seed and the same calls give the same negatives.
@@ -60,7 +61,7 @@ class GrammarNegativeSampler:
         kinds: Sequence[str] = CORRUPTIONS,
         max_ngram: int = 3,
         vocab: Sequence[str] | None = None,
-        avoid: Collection[str] | None = None,
+        avoid: Collection[str] | Callable[[str], bool] | None = None,
         max_tries: int = 100,
     ) -> None:
         kinds = tuple(kinds)
@@ -78,7 +79,11 @@ class GrammarNegativeSampler:
         self.kinds = kinds
         self.max_ngram = max_ngram
         self.vocab = vocab
-        self.avoid = frozenset(" ".join(c.split()) for c in avoid) if avoid is not None else frozenset()
+        if avoid is None or callable(avoid):
+            self._avoid = avoid
+        else:
+            known = frozenset(" ".join(c.split()) for c in avoid)
+            self._avoid = known.__contains__
         self.max_tries = max_tries
         self.rng = random.Random(seed)
 
@@ -113,7 +118,7 @@ class GrammarNegativeSampler:
             kind = self.rng.choice(kinds)
             negative = self._apply(tokens, kind)
             text = " ".join(negative)
-            if negative != tokens and text not in self.avoid:
+            if negative != tokens and (self._avoid is None or not self._avoid(text)):
                 return text, kind
         raise ValueError(
             f"found no negative of {caption!r} outside `avoid` in {self.max_tries} tries (kinds {kinds})"
