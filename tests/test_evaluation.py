@@ -4,6 +4,7 @@ import logging
 import os
 import random
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -265,6 +266,20 @@ def test_refs_are_checked() -> None:
 # ----------------------------------------------------------------------------------------------- evaluate_captions
 
 
+def _java_children() -> list[int]:
+    """Pids of this process's children whose command is java, zombies included (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        if comm == "java" and int(rest[1]) == os.getpid():
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _fake_setup() -> tuple[list[str], torch.Tensor, FakeScorer]:
     # Three images on the axes of R^3; captions point at (their image + a bit of the next one).
     captions = ["c0", "c1", "c2"]
@@ -304,11 +319,10 @@ def test_evaluate_captions_by_hand() -> None:
     assert result["vocab_size"] == 3 and result["distinct_1"] == 1.0 and result["distinct_2"] == 0.0
     assert set(result["skipped"]) == set(NLG_KEYS) | {"spice"} | set(SHAPES_KEYS)
     assert result["skipped"]["bleu_1"] == "coco_metrics=False"
-    # One pass for the raw captions, one for the prompted ones, one for the distinct prompted references.
+    # One pass for the raw captions, one for the distinct prompted captions and references.
     assert fake.calls == [
         ["c0", "c1", "c2"],
-        ["A photo depicts c0", "A photo depicts c1", "A photo depicts c2"],
-        ["A photo depicts r0", "A photo depicts r1", "A photo depicts r2"],
+        [f"A photo depicts {t}" for t in ("c0", "c1", "c2", "r0", "r1", "r2")],
     ]
 
 
@@ -424,3 +438,5 @@ def test_evaluate_captions_end_to_end_with_tiny_clip(scorer: ClipScorer, monkeyp
     assert result["novelty"] == pytest.approx(11 / 12)
     assert result["vocab_size"] == 6 + 12 and result["self_bleu"] > 0.5
     assert set(result["skipped"]) == {"spice", *SHAPES_KEYS}
+    if Path("/proc").is_dir():
+        assert _java_children() == []  # the tokenizer and METEOR JVMs are gone, not zombies

@@ -76,12 +76,21 @@ def _check_groups(groups: object, n: int) -> Tensor:
     return groups
 
 
-def _encode(scorer: ClipScorer, texts: list[str], prefix: str, device: torch.device) -> Tensor:
-    """Encode each distinct text once (identical captions get bit-identical embeddings) as float32 on ``device``."""
-    unique = list(dict.fromkeys(texts))
+def _encode(
+    scorer: ClipScorer, texts: list[str], prefix: str, device: torch.device, *more: list[str]
+) -> list[Tensor]:
+    """Embeddings of ``texts`` and of each list in ``more``, ``prefix`` prepended, float32 on ``device``.
+
+    One ``encode_texts`` call over the distinct texts of all the lists: identical texts get bit-identical
+    embeddings (exact ties for the retrieval metrics), and a caption equal to a reference is encoded once.
+    """
+    lists = [texts, *more]
+    unique = list(dict.fromkeys(t for texts_ in lists for t in texts_))
     index = {text: i for i, text in enumerate(unique)}
-    emb = scorer.encode_texts([prefix + text for text in unique])
-    return emb.float().to(device)[torch.tensor([index[t] for t in texts], dtype=torch.long, device=device)]
+    emb = scorer.encode_texts([prefix + text for text in unique]).float().to(device)
+    return [
+        emb[torch.tensor([index[t] for t in texts_], dtype=torch.long, device=device)] for texts_ in lists
+    ]
 
 
 def _mean_defined(values: Iterable[float | None], name: str) -> float | None:
@@ -170,7 +179,14 @@ def evaluate_captions(
 
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    txt = _encode(scorer, captions, "", img.device)
+    # Retrieval and GEG read the raw captions; CLIP-S and RefCLIP-S the prompted captions and references.
+    flat_refs = [r for rs in refs for r in rs] if refs is not None else []
+    if prompt:
+        (txt,) = _encode(scorer, captions, "", img.device)
+        txt_s, flat_emb = _encode(scorer, captions, prompt, img.device, flat_refs)
+    else:
+        txt, flat_emb = _encode(scorer, captions, "", img.device, flat_refs)
+        txt_s = txt
     if txt.shape[1] != img.shape[1]:
         raise ValueError(
             f"the scorer embeds texts in {txt.shape[1]} dimensions but image_emb has {img.shape[1]}: "
@@ -193,13 +209,10 @@ def evaluate_captions(
         results["geg_min"] = float(group_embedding_gap(txt, img, group_emb, reduce="min").mean())
 
     # CLIP-S / RefCLIP-S (Hessel et al. 2021), with CLIPScore's prompt on captions and references.
-    txt_s = txt if not prompt else _encode(scorer, captions, prompt, img.device)
     results["clip_s"] = float(clip_s(img, txt_s, w=clip_s_weight).mean())
     if refs is None:
         _skip(skipped, ("refclip_s",), "no references given (refs=None)")
     else:
-        flat = [r for rs in refs for r in rs]
-        flat_emb = _encode(scorer, flat, prompt, img.device)
         width = max(len(rs) for rs in refs)
         ref_emb = flat_emb.new_zeros(n, width, flat_emb.shape[1])
         ref_mask = torch.zeros(n, width, dtype=torch.bool, device=img.device)
