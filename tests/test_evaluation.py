@@ -440,3 +440,20 @@ def test_evaluate_captions_end_to_end_with_tiny_clip(scorer: ClipScorer, monkeyp
     assert set(result["skipped"]) == {"spice", *SHAPES_KEYS}
     if Path("/proc").is_dir():
         assert _java_children() == []  # the tokenizer and METEOR JVMs are gone, not zombies
+
+
+def test_shapes_world_extras_with_the_real_world(scorer: ClipScorer) -> None:
+    shapes = pytest.importorskip("clip_rl_trl.data.shapes")
+    world = shapes.ShapesWorld(seed=0)
+    scenes = world.scenes(3, "test")
+    captions = [
+        world.describe(scenes[0]),  # the full caption: every attribute, all true
+        world.describe(scenes[1], ("shape",), [0], background=False),  # "a <shape>": 1 attribute, true
+        "a a circle",  # not a sentence of the grammar: scores 0
+    ]
+    img = scorer.encode_images([world.render(s) for s in scenes])
+    result = evaluate_captions(captions, img, scorer, world=world, scenes=scenes, coco_metrics=False)
+    assert result["grammar_valid"] == pytest.approx(2 / 3)
+    assert result["attribute_precision"] == pytest.approx((1 + 1 + 0) / 3)
+    n_attributes = 4 * len(scenes[1]["objects"]) + 1  # size, colour, shape, position per object + background
+    assert result["attribute_recall"] == pytest.approx((1 + 1 / n_attributes + 0) / 3)
