@@ -91,9 +91,10 @@ def similar_image_groups(
 
 def _top_k(sim: torch.Tensor, k: int, start: int, exclude_above: float | None) -> torch.Tensor:
     """Columns of the k largest finite entries per row, by value descending then column ascending."""
-    values, idx = sim.topk(k, dim=1)
-    kth = values[:, -1:]
-    short = ~torch.isfinite(kth[:, 0])
+    # One extra entry tells whether the k-th value is tied with an entry left out (k + 1 <= N always holds).
+    values, idx = sim.topk(k + 1, dim=1)
+    kth, idx = values[:, k - 1], idx[:, :k]
+    short = ~torch.isfinite(kth)
     if short.any():
         row = int(short.nonzero()[0])
         eligible = int(torch.isfinite(sim[row]).sum())
@@ -101,10 +102,10 @@ def _top_k(sim: torch.Tensor, k: int, start: int, exclude_above: float | None) -
         raise ValueError(
             f"image {start + row} has only {eligible} candidate image(s){cause}, fewer than k={k}"
         )
-    # topk orders ties arbitrarily. Where the k-th value is tied with entries outside the top k, the chosen set
+    # topk orders ties arbitrarily. Where the k-th value is tied with an entry outside the top k, the chosen set
     # itself is ambiguous: those (rare) rows take a stable full sort. Elsewhere the set is exact and only its
     # order needs fixing: sort by column, then stable-sort by value.
-    boundary_tie = (sim >= kth).sum(dim=1) > k
+    boundary_tie = values[:, k] == kth
     idx, _ = idx.sort(dim=1)
     order = sim.gather(1, idx).sort(dim=1, descending=True, stable=True).indices
     idx = idx.gather(1, order)
