@@ -1,7 +1,9 @@
 """clip-rl-trl: distinctive image captioning with CLIP-guided reinforcement learning on top of TRL."""
 
 from clip_rl_trl.clip import ClipScorer
+from clip_rl_trl.data.shapes import ShapesWorld
 from clip_rl_trl.embeddings import ImageEmbeddingCache
+from clip_rl_trl.evaluation import evaluate_captions
 from clip_rl_trl.neighbors import similar_image_groups
 from clip_rl_trl.rewards import functional
 from clip_rl_trl.rewards.callables import (
@@ -32,7 +34,9 @@ __all__ = [
     "GroupGapReward",
     "ImageEmbeddingCache",
     "RetrievalReward",
+    "ShapesWorld",
     "__version__",
+    "evaluate_captions",
     "functional",
     "make_grammar_negatives",
     "similar_image_groups",
