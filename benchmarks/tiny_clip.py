@@ -2,9 +2,10 @@
 
 Command (prints the figures quoted in docs/shapes_world.md)::
 
-    HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/tiny_clip.py
+    HF_HUB_OFFLINE=1 python benchmarks/tiny_clip.py --threads 2
 
-Options: ``--threads N`` (torch threads; default: torch's own choice), ``--eval-scenes 1000``, and any
+Options: ``--threads N`` (torch threads; default: torch's own choice; on a machine whose cores other jobs
+already use, ``--threads 1`` is faster), ``--eval-scenes 1000``, and any
 ``train_clip`` setting, e.g. ``--epochs 8 --n-scenes 6000``. Training goes into a temporary cache, so the
 result never comes from an earlier run. Retrieval is measured on scenes of another seed (world seed + 1,
 split "test"): each caption's image among 99 random distractors.

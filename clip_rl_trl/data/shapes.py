@@ -439,8 +439,9 @@ class ShapesWorld:
         folder = folder / "shapes_clip" / key
         weights = folder / "model.safetensors"
 
-        torch.manual_seed(seed)
-        model = open_clip.CLIP(**copy.deepcopy(config))
+        with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = open_clip.CLIP(**copy.deepcopy(config))
         context_length = config["text_cfg"]["context_length"]
         tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
         preprocess = image_transform(config["vision_cfg"]["image_size"], is_train=False)
