@@ -348,6 +348,31 @@ def test_lora_on_gpt2_blocks_only(tok, tmp_path):
     torch.testing.assert_close(reloaded(ids, mask, image_embeds=e).logits, tuned)
 
 
+def test_gradient_checkpointing_keeps_gradients(tok):
+    from peft import get_peft_model
+
+    # TRL's GRPOConfig turns gradient checkpointing on by default; dropout off so both passes are comparable.
+    torch.manual_seed(0)
+    config = gpt2_config(tok, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = ClipCapModel(ClipCapConfig(prefix_dim=64, prefix_length=4, gpt2_config=config)).train()
+    e, ids = embeds(2), torch.randint(4, len(tok), (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def grads(m):
+        m.zero_grad()
+        m.token_logprobs(e, ids).sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    for m in (model, get_peft_model(model, clipcap_lora_config(r=4, train_mapper=False))):
+        plain = grads(m)
+        m.gradient_checkpointing_enable()
+        assert model.gpt.transformer.gradient_checkpointing
+        checkpointed = grads(m)
+        m.gradient_checkpointing_disable()
+        assert plain.keys() == checkpointed.keys() and len(plain) > 0
+        for name in plain:
+            torch.testing.assert_close(checkpointed[name], plain[name])
+
+
 def test_lora_config_refuses_overrides():
     with pytest.raises(ValueError, match="target_modules"):
         clipcap_lora_config(target_modules=["c_attn"])

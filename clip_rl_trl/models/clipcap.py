@@ -159,7 +159,7 @@ class ClipCapPreTrainedModel(PreTrainedModel):
     config_class = ClipCapConfig
     config: ClipCapConfig
     base_model_prefix = "clipcap"
-    main_input_name = "image_embeds"
+    main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
@@ -217,7 +217,7 @@ class ClipCapModel(ClipCapPreTrainedModel):
         gpt = GPT2LMHeadModel.from_pretrained(name_or_path, **(gpt2_kwargs or {}))
         if "gpt2_config" in config_kwargs:
             raise ValueError("from_gpt2 takes the GPT-2 config from the checkpoint; do not pass gpt2_config")
-        config = ClipCapConfig(prefix_dim=prefix_dim, gpt2_config=gpt.config.to_dict(), **config_kwargs)
+        config = ClipCapConfig(prefix_dim=prefix_dim, gpt2_config=gpt.config, **config_kwargs)
         model = cls(config)
         model.gpt = gpt
         if config.clip_pretrained is not None:
@@ -262,10 +262,10 @@ class ClipCapModel(ClipCapPreTrainedModel):
             raise ValueError(
                 f"image_embeds must be (B, {self.config.prefix_dim}), got shape {tuple(image_embeds.shape)}"
             )
-        image_embeds = image_embeds.to(device=self.device, dtype=self.gpt.transformer.wte.weight.dtype)
+        image_embeds = image_embeds.to(device=self.device, dtype=next(self.mapper.parameters()).dtype)
         if self.config.normalize_prefix:
             image_embeds = F.normalize(image_embeds, dim=-1)
-        return self.mapper(image_embeds)
+        return self.mapper(image_embeds).to(self.gpt.transformer.wte.weight.dtype)
 
     # ------------------------------------------------------------------ scoring
 
@@ -305,7 +305,8 @@ class ClipCapModel(ClipCapPreTrainedModel):
             attention_mask = attention_mask.to(self.device)
             prefix_mask = attention_mask.new_ones(batch, self.config.prefix_length)
             full_mask = torch.cat([prefix_mask, attention_mask], dim=1)
-        out = self.gpt.transformer(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False, **kwargs)
+        kwargs.setdefault("use_cache", False)
+        out = self.gpt.transformer(inputs_embeds=embeds, attention_mask=full_mask, **kwargs)
         # Hidden state at position p predicts the token at p + 1: the last prefix position predicts token 0.
         start = self.config.prefix_length - 1
         logits = self.gpt.lm_head(out.last_hidden_state[:, start : start + length])
