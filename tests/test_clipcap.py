@@ -35,8 +35,15 @@ def tok():
 
 def gpt2_config(tok, **kw) -> GPT2Config:
     return GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_positions=64,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **kw,
     )
 
 
@@ -50,7 +57,9 @@ def embeds(n: int, seed: int = 1) -> torch.Tensor:
     return F.normalize(torch.randn(n, 64, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-def greedy_by_hand(model: ClipCapModel, e: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def greedy_by_hand(
+    model: ClipCapModel, e: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Argmax decoding by re-running the full GPT-2 over prefix + tokens at every step (no cache)."""
     eos, pad = model.config.gpt2_config.eos_token_id, model.config.gpt2_config.pad_token_id
     prefix = model.prefix_embeds(e)
@@ -92,13 +101,22 @@ def test_config_validation_names_the_field(tok):
 
 
 def test_config_nested_gpt2_round_trip(tok, tmp_path):
-    cfg = ClipCapConfig(prefix_dim=64, prefix_length=4, mapper_type="transformer", clip_length=3,
-                        mapper_num_layers=2, mapper_num_heads=2, gpt2_config=gpt2_config(tok).to_dict())
+    cfg = ClipCapConfig(
+        prefix_dim=64,
+        prefix_length=4,
+        mapper_type="transformer",
+        clip_length=3,
+        mapper_num_layers=2,
+        mapper_num_heads=2,
+        gpt2_config=gpt2_config(tok).to_dict(),
+    )
     assert isinstance(cfg.gpt2_config, GPT2Config) and cfg.gpt2_config.n_embd == 32
     cfg.save_pretrained(tmp_path)
     back = ClipCapConfig.from_pretrained(tmp_path)
     assert back.model_type == "clipcap" and back.mapper_type == "transformer" and back.clip_length == 3
-    assert isinstance(back.gpt2_config, GPT2Config) and back.gpt2_config.to_dict() == cfg.gpt2_config.to_dict()
+    assert (
+        isinstance(back.gpt2_config, GPT2Config) and back.gpt2_config.to_dict() == cfg.gpt2_config.to_dict()
+    )
     assert ClipCapConfig().gpt2_config.n_embd == 768  # default decoder: GPT-2 small
 
 
@@ -150,7 +168,13 @@ def test_logits_predict_the_token_at_the_same_index(tok):
     model = make_model(tok)
     e = embeds(3)
     ids, mask = tokenize_captions(CAPTIONS, tok)
-    assert ids[0].tolist() == tok(CAPTIONS[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id, 0, 0, 0, 0]
+    assert ids[0].tolist() == tok(CAPTIONS[0], add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id,
+        0,
+        0,
+        0,
+        0,
+    ]
     logits = model(ids, mask, image_embeds=e).logits
     assert logits.shape == (3, ids.shape[1], len(tok))
     # Reference: full GPT-2 logits over prefix + tokens, where position P - 1 + t predicts token t.
@@ -177,10 +201,14 @@ def test_token_logprobs_and_loss_by_hand(tok):
     torch.testing.assert_close(loss, -lp.sum() / 15)
     # Temperature divides the logits.
     lp_t = model.token_logprobs(e, ids, mask, temperature=2.0)
-    torch.testing.assert_close(lp_t, torch.log_softmax(logits / 2, -1).gather(-1, ids[..., None])[..., 0] * mask)
+    torch.testing.assert_close(
+        lp_t, torch.log_softmax(logits / 2, -1).gather(-1, ids[..., None])[..., 0] * mask
+    )
     # One pass, with gradients reaching the mapper and GPT-2.
     lp.sum().backward()
-    assert model.mapper.net[0].weight.grad.abs().sum() > 0 and model.gpt.transformer.wte.weight.grad is not None
+    assert (
+        model.mapper.net[0].weight.grad.abs().sum() > 0 and model.gpt.transformer.wte.weight.grad is not None
+    )
 
 
 def test_normalize_prefix(tok):
@@ -221,7 +249,9 @@ def test_greedy_equals_hand_rolled_argmax_and_beam_1(tok):
     assert torch.equal(model.generate(e, max_new_tokens=7, num_beams=1), gen)
     # The cached incremental logits agree with the teacher-forced ones used for RL log-probs.
     lp = model.token_logprobs(e, gen)
-    by_hand_lp = torch.stack([torch.log_softmax(s, -1) for s in step_logits], 1).gather(-1, gen[..., None])[..., 0]
+    by_hand_lp = torch.stack([torch.log_softmax(s, -1) for s in step_logits], 1).gather(-1, gen[..., None])[
+        ..., 0
+    ]
     torch.testing.assert_close(lp, by_hand_lp, rtol=1e-4, atol=1e-5)
 
 
@@ -229,16 +259,19 @@ def test_sampling_is_seeded_and_rows_are_grouped_by_image(tok):
     model = make_model(tok)
     e = embeds(2)
     torch.manual_seed(5)
-    a = model.generate(e, do_sample=True, top_k=10, top_p=0.9, temperature=1.3, max_new_tokens=6,
-                       num_return_sequences=3)
+    a = model.generate(
+        e, do_sample=True, top_k=10, top_p=0.9, temperature=1.3, max_new_tokens=6, num_return_sequences=3
+    )
     torch.manual_seed(5)
-    b = model.generate(e, do_sample=True, top_k=10, top_p=0.9, temperature=1.3, max_new_tokens=6,
-                       num_return_sequences=3)
+    b = model.generate(
+        e, do_sample=True, top_k=10, top_p=0.9, temperature=1.3, max_new_tokens=6, num_return_sequences=3
+    )
     assert a.shape == (6, 6) and torch.equal(a, b)
     # Rows 0-2 belong to image 0: the same samples come out of image 0 repeated three times.
     torch.manual_seed(5)
-    c = model.generate(e.repeat_interleave(3, 0), do_sample=True, top_k=10, top_p=0.9, temperature=1.3,
-                       max_new_tokens=6)
+    c = model.generate(
+        e.repeat_interleave(3, 0), do_sample=True, top_k=10, top_p=0.9, temperature=1.3, max_new_tokens=6
+    )
     assert torch.equal(a, c)
     beams = model.generate(e, num_beams=3, num_return_sequences=2, max_new_tokens=6)
     assert beams.shape[0] == 4
@@ -249,8 +282,14 @@ def test_sampling_is_seeded_and_rows_are_grouped_by_image(tok):
 
 @pytest.mark.parametrize("mapper_type", ["mlp", "transformer"])
 def test_save_pretrained_round_trip(tok, tmp_path, mapper_type):
-    model = make_model(tok, mapper_type=mapper_type, clip_length=3, mapper_num_layers=2, mapper_num_heads=2,
-                       clip_model_config=TINY_CLIP)
+    model = make_model(
+        tok,
+        mapper_type=mapper_type,
+        clip_length=3,
+        mapper_num_layers=2,
+        mapper_num_heads=2,
+        clip_model_config=TINY_CLIP,
+    )
     model.save_pretrained(tmp_path)
     back = ClipCapModel.from_pretrained(tmp_path).eval()
     assert back.gpt.lm_head.weight is back.gpt.transformer.wte.weight
@@ -290,17 +329,23 @@ def test_pixel_path_matches_clip_scorer(tok):
 
     torch.manual_seed(7)
     clip = open_clip.CLIP(**TINY_CLIP)
-    scorer = ClipScorer(clip, open_clip.SimpleTokenizer(context_length=24),
-                        open_clip.transform.image_transform(32, is_train=False))
+    scorer = ClipScorer(
+        clip,
+        open_clip.SimpleTokenizer(context_length=24),
+        open_clip.transform.image_transform(32, is_train=False),
+    )
     model = make_model(tok, clip_model_config=TINY_CLIP)
     model.load_clip_tower(clip)
     px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     cached = scorer.encode_images(px)
     torch.testing.assert_close(model.encode_pixels(px), cached)
     ids, mask = tokenize_captions(CAPTIONS[:2], tok)
-    torch.testing.assert_close(model(ids, mask, pixel_values=px).logits, model(ids, mask, image_embeds=cached).logits)
-    torch.testing.assert_close(model.generate(pixel_values=px, max_new_tokens=5),
-                               model.generate(cached, max_new_tokens=5))
+    torch.testing.assert_close(
+        model(ids, mask, pixel_values=px).logits, model(ids, mask, image_embeds=cached).logits
+    )
+    torch.testing.assert_close(
+        model.generate(pixel_values=px, max_new_tokens=5), model.generate(cached, max_new_tokens=5)
+    )
     with pytest.raises(ValueError, match="needs ClipCapConfig.clip_pretrained"):
         model.load_clip_tower()
     with pytest.raises(ValueError, match="no image tower"):
@@ -336,7 +381,9 @@ def test_lora_on_gpt2_blocks_only(tok, tmp_path):
     opt.step()
     opt.zero_grad()
     peft_model.token_logprobs(e, ids, mask).sum().neg().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if n in lora)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if n in lora
+    )
     tuned = peft_model(ids, mask, image_embeds=e).logits.detach()
     assert not torch.allclose(tuned, base_logits)
     with peft_model.disable_adapter():
@@ -344,7 +391,9 @@ def test_lora_on_gpt2_blocks_only(tok, tmp_path):
     assert peft_model.generate(e, max_new_tokens=4).shape[0] == 3
 
     peft_model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(ClipCapModel.from_pretrained(tmp_path / "base").eval(), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(
+        ClipCapModel.from_pretrained(tmp_path / "base").eval(), tmp_path / "adapter"
+    )
     torch.testing.assert_close(reloaded(ids, mask, image_embeds=e).logits, tuned)
 
 
@@ -385,31 +434,49 @@ def test_lora_config_refuses_overrides():
 def test_mle_training_memorises_captions(tok):
     model = make_model(tok)
     e = embeds(3)
-    losses = train_clipcap_mle(model, e, CAPTIONS, tok, epochs=40, batch_size=3, lr=2e-2, seed=0, progress=False)
+    losses = train_clipcap_mle(
+        model, e, CAPTIONS, tok, epochs=40, batch_size=3, lr=2e-2, seed=0, progress=False
+    )
     assert len(losses) == 40 and losses[0] == pytest.approx(3.47, abs=0.15)  # ~ln(32) at init
     assert losses[-1] < 0.1 and not model.training
     gen = model.generate(e, max_new_tokens=12)
     assert tok.batch_decode(gen, skip_special_tokens=True) == CAPTIONS
     # Finished rows are padded after their EOS, exactly as the hand-rolled argmax loop does it.
-    assert gen[1].tolist() == tok("a circle", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] + [0] * 5
+    assert (
+        gen[1].tolist()
+        == tok("a circle", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] + [0] * 5
+    )
     assert torch.equal(gen, greedy_by_hand(model, e, 12)[0])
     # Same seed, same run.
-    again = train_clipcap_mle(make_model(tok), e, CAPTIONS, tok, epochs=2, batch_size=2, lr=2e-2, seed=0,
-                              progress=False)
-    assert again == train_clipcap_mle(make_model(tok), e, CAPTIONS, tok, epochs=2, batch_size=2, lr=2e-2, seed=0,
-                                      progress=False)
+    again = train_clipcap_mle(
+        make_model(tok), e, CAPTIONS, tok, epochs=2, batch_size=2, lr=2e-2, seed=0, progress=False
+    )
+    assert again == train_clipcap_mle(
+        make_model(tok), e, CAPTIONS, tok, epochs=2, batch_size=2, lr=2e-2, seed=0, progress=False
+    )
     assert len(again) == 4  # ceil(3 / 2) steps per epoch
 
 
 def test_mle_accepts_several_captions_per_image_and_checks_input(tok):
     model = make_model(tok)
     e = embeds(2)
-    losses = train_clipcap_mle(model, e, [["a circle", "a red circle"], ["a square"]], tok, epochs=1,
-                               batch_size=8, lr=1e-3, seed=0, progress=False)
+    losses = train_clipcap_mle(
+        model,
+        e,
+        [["a circle", "a red circle"], ["a square"]],
+        tok,
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        seed=0,
+        progress=False,
+    )
     assert len(losses) == 1
     with pytest.raises(ValueError, match="3 caption entries for 2 image embeddings"):
         train_clipcap_mle(model, e, CAPTIONS, tok, epochs=1, batch_size=2, lr=1e-3, seed=0, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
-        train_clipcap_mle(model, e, CAPTIONS[:2], tok, epochs=1, batch_size=0, lr=1e-3, seed=0, progress=False)
+        train_clipcap_mle(
+            model, e, CAPTIONS[:2], tok, epochs=1, batch_size=0, lr=1e-3, seed=0, progress=False
+        )
     with pytest.raises(TypeError, match="single string"):
         train_clipcap_mle(model, e, "a circle", tok, epochs=1, batch_size=2, lr=1e-3, seed=0, progress=False)

@@ -44,7 +44,7 @@ class ClipCapConfig(PreTrainedConfig):
         gpt2_config: the GPT-2 decoder, a ``GPT2Config`` or its dict (defaults to GPT-2 small).
         normalize_prefix: L2-normalise ``image_embeds`` before the mapper. Off by default because the
             embedding cache and the pixel path already give L2-normalised embeddings; turn it on to feed raw
-            (unnormalised) CLIP features, as the paper's ``--normalize_prefix`` option does.
+            (unnormalised) CLIP features, as the reference code's ``--normalize_prefix`` option does.
         clip_model_name: open_clip architecture of the image tower for the pixel path, e.g. ``"ViT-B-32"``.
         clip_pretrained: open_clip pretrained tag loaded into that tower by ``ClipCapModel.from_gpt2`` or
             ``load_clip_tower`` (the checkpoint then stores the tower's weights).
@@ -74,9 +74,13 @@ class ClipCapConfig(PreTrainedConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ClipCapConfig.{name} must be a positive integer, got {value!r}")
         if self.mapper_type not in MAPPER_TYPES:
-            raise ValueError(f"ClipCapConfig.mapper_type must be one of {MAPPER_TYPES}, got {self.mapper_type!r}")
+            raise ValueError(
+                f"ClipCapConfig.mapper_type must be one of {MAPPER_TYPES}, got {self.mapper_type!r}"
+            )
         if not isinstance(self.gpt2_config, GPT2Config):
-            raise ValueError(f"ClipCapConfig.gpt2_config must be a GPT2Config or its dict, got {self.gpt2_config!r}")
+            raise ValueError(
+                f"ClipCapConfig.gpt2_config must be a GPT2Config or its dict, got {self.gpt2_config!r}"
+            )
         n_embd, n_positions = self.gpt2_config.n_embd, self.gpt2_config.n_positions
         if self.mapper_type == "transformer" and n_embd % self.mapper_num_heads:
             raise ValueError(
@@ -88,9 +92,13 @@ class ClipCapConfig(PreTrainedConfig):
                 f"n_positions ({n_positions})"
             )
         if self.clip_model_name is not None and self.clip_model_config is not None:
-            raise ValueError("ClipCapConfig: give clip_model_name or clip_model_config for the image tower, not both")
+            raise ValueError(
+                "ClipCapConfig: give clip_model_name or clip_model_config for the image tower, not both"
+            )
         if self.clip_pretrained is not None and self.clip_model_name is None:
-            raise ValueError("ClipCapConfig.clip_pretrained needs clip_model_name (the architecture it belongs to)")
+            raise ValueError(
+                "ClipCapConfig.clip_pretrained needs clip_model_name (the architecture it belongs to)"
+            )
         if self.clip_model_config is not None and not isinstance(self.clip_model_config, dict):
             raise ValueError(
                 f"ClipCapConfig.clip_model_config must be an open_clip.CLIP kwargs dict, got {self.clip_model_config!r}"
@@ -103,7 +111,7 @@ class ClipCapConfig(PreTrainedConfig):
 
 class ClipCapMLPMapper(nn.Module):
     """The paper's MLP mapper: ``Linear(d_clip, d_gpt*k/2) -> Tanh -> Linear(d_gpt*k/2, d_gpt*k)``, reshaped to
-    ``(B, k, d_gpt)`` with ``k = prefix_length`` (Mokady et al. 2021, Sec. 3.1)."""
+    ``(B, k, d_gpt)`` with ``k = prefix_length`` (Mokady et al. 2021, Sec. 3.3)."""
 
     def __init__(self, prefix_dim: int, gpt_dim: int, prefix_length: int) -> None:
         super().__init__()
@@ -118,12 +126,18 @@ class ClipCapMLPMapper(nn.Module):
 
 
 class ClipCapTransformerMapper(nn.Module):
-    """The paper's transformer mapper (Mokady et al. 2021, Sec. 3.1): the CLIP embedding is projected to
+    """The paper's transformer mapper (Mokady et al. 2021, Sec. 3.3): the CLIP embedding is projected to
     ``clip_length`` tokens, concatenated with ``prefix_length`` learned constants, passed through a pre-norm
     transformer encoder, and the outputs at the constants' positions are the prefix."""
 
     def __init__(
-        self, prefix_dim: int, gpt_dim: int, prefix_length: int, clip_length: int, num_layers: int, num_heads: int
+        self,
+        prefix_dim: int,
+        gpt_dim: int,
+        prefix_length: int,
+        clip_length: int,
+        num_layers: int,
+        num_heads: int,
     ) -> None:
         super().__init__()
         self.clip_length, self.gpt_dim = clip_length, gpt_dim
@@ -131,8 +145,13 @@ class ClipCapTransformerMapper(nn.Module):
         self.prefix_const = nn.Parameter(torch.randn(prefix_length, gpt_dim))
         # ReLU MLP of width 2 * d, no dropout, pre-norm: the reference transformer's block.
         layer = nn.TransformerEncoderLayer(
-            gpt_dim, num_heads, dim_feedforward=2 * gpt_dim, dropout=0.0, activation="relu",
-            batch_first=True, norm_first=True,
+            gpt_dim,
+            num_heads,
+            dim_feedforward=2 * gpt_dim,
+            dropout=0.0,
+            activation="relu",
+            batch_first=True,
+            norm_first=True,
         )
         self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
 
@@ -191,8 +210,12 @@ class ClipCapModel(ClipCapPreTrainedModel):
             self.mapper = ClipCapMLPMapper(config.prefix_dim, gpt_dim, config.prefix_length)
         else:
             self.mapper = ClipCapTransformerMapper(
-                config.prefix_dim, gpt_dim, config.prefix_length, config.clip_length,
-                config.mapper_num_layers, config.mapper_num_heads,
+                config.prefix_dim,
+                gpt_dim,
+                config.prefix_length,
+                config.clip_length,
+                config.mapper_num_layers,
+                config.mapper_num_heads,
             )
         self.gpt = GPT2LMHeadModel(config.gpt2_config)
         self.clip_visual: nn.Module | None = None
@@ -207,7 +230,12 @@ class ClipCapModel(ClipCapPreTrainedModel):
 
     @classmethod
     def from_gpt2(
-        cls, name_or_path: str, prefix_dim: int, *, gpt2_kwargs: dict[str, Any] | None = None, **config_kwargs: Any
+        cls,
+        name_or_path: str,
+        prefix_dim: int,
+        *,
+        gpt2_kwargs: dict[str, Any] | None = None,
+        **config_kwargs: Any,
     ) -> ClipCapModel:
         """A ClipCap with pretrained GPT-2 weights from ``name_or_path`` (a Hub name or a local directory).
 
@@ -228,7 +256,9 @@ class ClipCapModel(ClipCapPreTrainedModel):
         """Copy image-tower weights into ``clip_visual``: from ``clip_model`` (an open_clip model of the configured
         architecture, e.g. ``ClipScorer.model``) or, by default, from open_clip's ``clip_pretrained`` weights."""
         if self.clip_visual is None:
-            raise ValueError("this ClipCapConfig has no image tower (set clip_model_name or clip_model_config)")
+            raise ValueError(
+                "this ClipCapConfig has no image tower (set clip_model_name or clip_model_config)"
+            )
         if clip_model is None:
             if self.config.clip_pretrained is None:
                 raise ValueError("load_clip_tower() without a model needs ClipCapConfig.clip_pretrained")
@@ -297,7 +327,9 @@ class ClipCapModel(ClipCapPreTrainedModel):
             )
         limit = self.config.gpt2_config.n_positions - self.config.prefix_length
         if length > limit:
-            raise ValueError(f"captions of {length} tokens exceed the {limit} positions left after the prefix")
+            raise ValueError(
+                f"captions of {length} tokens exceed the {limit} positions left after the prefix"
+            )
         input_ids = input_ids.to(self.device)
         embeds = torch.cat([prefix, self.gpt.transformer.wte(input_ids)], dim=1)
         full_mask = None
@@ -313,7 +345,9 @@ class ClipCapModel(ClipCapPreTrainedModel):
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
-                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
+                )
             labels = labels.to(self.device)
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, -100)
@@ -397,7 +431,9 @@ def clipcap_lora_config(
     from peft import LoraConfig
 
     if "target_modules" in kwargs or "fan_in_fan_out" in kwargs:
-        raise ValueError("clipcap_lora_config sets target_modules and fan_in_fan_out; build a LoraConfig instead")
+        raise ValueError(
+            "clipcap_lora_config sets target_modules and fan_in_fan_out; build a LoraConfig instead"
+        )
     return LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
@@ -420,7 +456,9 @@ def tokenize_captions(
     ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in captions]
     for i, seq in enumerate(ids):
         if max_length is not None and len(seq) > max_length:
-            raise ValueError(f"caption {i} ({captions[i]!r}) has {len(seq)} tokens with EOS, over {max_length}")
+            raise ValueError(
+                f"caption {i} ({captions[i]!r}) has {len(seq)} tokens with EOS, over {max_length}"
+            )
     width = max((len(s) for s in ids), default=0)
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -446,7 +484,7 @@ def train_clipcap_mle(
     """MLE (teacher-forced cross-entropy) training of a ClipCap on image embeddings and their captions.
 
     Minimises ``-sum_t log p(w_t | prefix(e_I), w_<t)`` averaged over caption tokens (EOS included), the ClipCap
-    training objective (Mokady et al. 2021, Eq. 2), with AdamW over the parameters that require grad (freeze
+    training objective (Mokady et al. 2021, Sec. 3.1, Eq. 3), with AdamW over the parameters that require grad (freeze
     ``model.gpt`` first to train the mapper alone, the paper's frozen-GPT-2 variant). ``captions`` holds one
     caption per embedding row, or a list of captions per row. Returns the loss of every step.
     """
