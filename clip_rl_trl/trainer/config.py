@@ -1,0 +1,88 @@
+"""``CaptionRLConfig``: ``GRPOConfig`` plus what the captioning papers need (baselines, ground truth, columns)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from clip_rl_trl.baselines import BASELINES, make_baseline
+
+GT_WEIGHTINGS = ("advantage", "reward", "uniform")
+TRAIN_DECODINGS = ("sample", "greedy")
+
+
+@dataclass
+class CaptionRLConfig(GRPOConfig):
+    """Configuration of :class:`~clip_rl_trl.CaptionRLTrainer`; every ``GRPOConfig`` field applies as well.
+
+    Parameters beyond ``GRPOConfig``:
+        baseline: how advantages are computed from rewards: ``"group"`` (GRPO group mean), ``"loo"`` (RLOO),
+            ``"greedy"`` (self-critical: the reward of a greedy caption of the same image; Cho et al., Zhang et
+            al.), ``"running_mean"`` (cumulative mean of past batches; DiscriTune), ``"ema"``, ``"none"``.
+        baseline_momentum: momentum of the ``"ema"`` baseline.
+        gt_loss_weight: weight of Chaffin et al.'s ground-truth term ``-(r(gt) - b) mean_t log p(gt_t | I, gt_<t)``
+            (0 switches it off).
+        gt_weighting: the factor in front of the ground-truth log-likelihood: ``"advantage"`` (``r(gt) - b``, the
+            paper's), ``"reward"`` (``r(gt)``) or ``"uniform"`` (1: plain teacher forcing on the references).
+        train_decoding: ``"sample"`` (the policy's distribution, with ``temperature`` / ``top_k`` / ``top_p``) or
+            ``"greedy"`` (DiscriTune's training decoding; needs ``num_generations=1``).
+        eval_num_beams: beam size of the evaluation captions.
+        captions_column, image_column, image_id_column: dataset columns with the reference captions (a list of
+            strings per row), the image (PIL or path; only needed by captioners that read pixels), and the
+            image id (a key of the image-embedding cache).
+        gather_rewards_across_processes: under several processes, rewards that compare captions across the
+            batch (retrieval, bidirectional) see the global batch, not each process's slice.
+        log_sample_captions: how many sampled captions per logging step go to the logs.
+    """
+
+    baseline: str = field(default="group", metadata={"help": f"one of {', '.join(BASELINES)}"})
+    baseline_momentum: float = field(default=0.9, metadata={"help": "momentum of the 'ema' baseline"})
+    gt_loss_weight: float = field(default=0.0, metadata={"help": "weight of the ground-truth RL term"})
+    gt_weighting: str = field(default="advantage", metadata={"help": f"one of {', '.join(GT_WEIGHTINGS)}"})
+    train_decoding: str = field(default="sample", metadata={"help": f"one of {', '.join(TRAIN_DECODINGS)}"})
+    eval_num_beams: int = field(default=3, metadata={"help": "beam size for evaluation captions"})
+    captions_column: str = field(default="captions", metadata={"help": "column of reference captions"})
+    image_column: str = field(default="image", metadata={"help": "column of images"})
+    image_id_column: str = field(default="image_id", metadata={"help": "column of image ids"})
+    gather_rewards_across_processes: bool = field(
+        default=True, metadata={"help": "rewards compare captions across the global batch"}
+    )
+    log_sample_captions: int = field(default=4, metadata={"help": "sampled captions logged per step"})
+
+    def __post_init__(self) -> None:
+        # GRPOConfig insists on two generations per prompt, which only its group baseline needs; self-critical
+        # and running-mean training (Cho et al., DiscriTune) sample one caption per image.
+        single = self.num_generations == 1
+        if single:
+            self.num_generations = 2
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            if single and "divisible by num_generations" in str(err):
+                raise ValueError(
+                    "with num_generations=1 the generation batch (per_device_train_batch_size x processes x "
+                    "steps_per_generation) must be even, a constraint GRPOConfig's own checks impose"
+                ) from err
+            raise
+        if single:
+            self.num_generations = 1
+            if self.num_generations_eval == 2:
+                self.num_generations_eval = 1
+        if self.gt_weighting not in GT_WEIGHTINGS:
+            raise ValueError(f"gt_weighting must be one of {', '.join(GT_WEIGHTINGS)}, got {self.gt_weighting!r}")
+        if self.train_decoding not in TRAIN_DECODINGS:
+            raise ValueError(
+                f"train_decoding must be one of {', '.join(TRAIN_DECODINGS)}, got {self.train_decoding!r}"
+            )
+        if self.gt_loss_weight < 0:
+            raise ValueError(f"gt_loss_weight must be >= 0, got {self.gt_loss_weight}")
+        if self.eval_num_beams < 1:
+            raise ValueError(f"eval_num_beams must be >= 1, got {self.eval_num_beams}")
+        baseline = make_baseline(self.baseline, self.baseline_momentum)  # raises on an unknown name
+        baseline.check_generations(self.num_generations)
+        if self.train_decoding == "greedy" and self.num_generations != 1:
+            raise ValueError(
+                f"train_decoding='greedy' gives the same caption num_generations={self.num_generations} times; "
+                "set num_generations=1 (DiscriTune) or train_decoding='sample'"
+            )

@@ -1,0 +1,407 @@
+"""``CaptionRLTrainer``: TRL's ``GRPOTrainer`` driving image captioners, with the papers' baselines and terms.
+
+Written against TRL 1.16 (``pyproject.toml`` pins the minor version). It overrides three of GRPOTrainer's
+methods and keeps everything else (optimiser, schedule, accumulation, logging, checkpoints, TRL's loss types):
+
+- ``_generate_and_score_completions``: captions from the policy adapter; rewards over the global batch; the
+  configured baseline (self-critical greedy captions, running mean, ...); the online discriminator update;
+  the ground-truth trajectories of Chaffin et al.;
+- ``_get_per_token_logps_and_entropies``: per-token log-probabilities from the adapter (ClipCap reads its image
+  prefix, which TRL's decoder-only path cannot pass);
+- ``_compute_loss``: TRL's policy loss plus ``gt_loss_weight * loss_gt``.
+
+Data flows one way: dataset rows -> cached image embeddings -> captions -> one CLIP text pass shared by every
+reward -> baseline -> loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+
+from clip_rl_trl.baselines import make_baseline
+from clip_rl_trl.clip import ClipScorer
+from clip_rl_trl.embeddings import ImageEmbeddingCache
+from clip_rl_trl.models.clipcap import tokenize_captions
+from clip_rl_trl.models.policies import CaptionPolicy, completion_mask, policy_for
+from clip_rl_trl.rewards.callables import DiscriminatorReward
+from clip_rl_trl.trainer.config import CaptionRLConfig
+
+STATE_FILE = "caption_rl_state.json"
+_TRL_KWARGS = ("trainer_state", "log_extra", "log_metric")
+
+
+class CaptionRLTrainer(GRPOTrainer):
+    """Reinforcement learning of an image captioner with CLIP-based rewards (see the module docstring).
+
+    Args:
+        model: the captioner (a :class:`~clip_rl_trl.ClipCapModel`, optionally a PEFT model around one).
+        reward_funcs: reward callables (``clip_rl_trl`` rewards or any TRL-style function); modules are refused.
+        args: a :class:`CaptionRLConfig`.
+        train_dataset / eval_dataset: rows with the image id column and, when a reward or the ground-truth term
+            needs them, the reference captions column.
+        processing_class: the captioner's tokenizer.
+        image_cache: the image-embedding cache the rewards and ClipCap read (defaults to a reward's cache).
+        scorer: the CLIP scorer for in-batch metrics (defaults to a reward's scorer).
+        policy: a :class:`CaptionPolicy` for a captioner family the library does not know.
+    """
+
+    _tag_names = ["trl", "grpo", "clip-rl-trl", "image-captioning", "distinctive-captioning"]
+    _name = "CaptionRL"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        reward_funcs: Callable | Sequence[Callable],
+        args: CaptionRLConfig,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        image_cache: ImageEmbeddingCache | None = None,
+        scorer: ClipScorer | None = None,
+        policy: CaptionPolicy | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        peft_config: Any = None,
+    ) -> None:
+        if not isinstance(args, CaptionRLConfig):
+            raise TypeError(f"args must be a CaptionRLConfig, got {type(args).__name__}")
+        if processing_class is None:
+            raise ValueError("pass the captioner's tokenizer as processing_class")
+        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, Sequence) else [reward_funcs]
+        if not reward_funcs:
+            raise ValueError("CaptionRLTrainer needs at least one reward function")
+        for func in reward_funcs:
+            if isinstance(func, nn.Module) or isinstance(func, str):
+                raise TypeError(
+                    f"reward {func!r} is a model; CaptionRLTrainer takes reward callables "
+                    "(reward(prompts, completions, completion_ids, **columns) -> list[float])"
+                )
+        self.image_cache = image_cache or next((f.cache for f in reward_funcs if hasattr(f, "cache")), None)
+        self.scorer = scorer or next((f.scorer for f in reward_funcs if hasattr(f, "scorer")), None)
+        # The trainer updates each discriminator once per step itself (after all scoring passes of the step).
+        self.discriminators = [f for f in reward_funcs if isinstance(f, DiscriminatorReward)]
+        for disc in self.discriminators:
+            disc.update = False
+        self.baseline = make_baseline(args.baseline, args.baseline_momentum)
+        self.policy = policy or policy_for(model, self.image_cache, args.image_id_column, processing_class)
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if dataset is not None:
+                self._check_dataset(name, dataset, args, reward_funcs)
+        if getattr(model, "generation_config", None) is None:
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig(
+                eos_token_id=processing_class.eos_token_id, pad_token_id=processing_class.pad_token_id
+            )
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        self._loss_image_inputs: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_dataset(self, name: str, dataset: Any, args: CaptionRLConfig, reward_funcs: list) -> None:
+        """Missing columns or ids absent from the cache fail here, before any training step."""
+        columns = list(dataset.column_names)
+        needed = {args.image_id_column: "the image id"}
+        if args.gt_loss_weight > 0:
+            needed[args.captions_column] = "the reference captions (gt_loss_weight > 0)"
+        for func in reward_funcs:
+            for attr in ("refs_column", "id_column"):
+                column = getattr(func, attr, None)
+                if column is not None:
+                    needed.setdefault(column, f"reward {getattr(func, '__name__', func)!r}")
+        for column, why in needed.items():
+            if column not in columns:
+                raise ValueError(f"{name} has no column {column!r} ({why}); its columns are {columns}")
+        if self.image_cache is not None:
+            missing = [i for i in dict.fromkeys(dataset[args.image_id_column]) if i not in self.image_cache]
+            if missing:
+                raise ValueError(
+                    f"{name}: {len(missing)} image id(s) are not in the image-embedding cache, e.g. {missing[:5]}"
+                )
+
+    # ------------------------------------------------------------------ rewards
+
+    def _reward_columns(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
+        skip = {"prompt", self.args.image_column}
+        return {key: [row[key] for row in rows] for key in rows[0] if key not in skip}
+
+    def _score(self, texts: list[str], rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        """Rewards ``(N_global, F)`` of every process's captions, in process order, identical on every process.
+
+        With ``gather_rewards_across_processes`` the rewards are computed on the global batch (so in-batch
+        comparisons see every process's captions); otherwise each process scores its slice and they are gathered.
+        """
+        columns = self._reward_columns(rows)
+        if self.accelerator.num_processes > 1 and self.args.gather_rewards_across_processes:
+            texts = gather_object(texts)
+            columns = {key: gather_object(values) for key, values in columns.items()}
+            return self._call_rewards(texts, columns)
+        return self.accelerator.gather(self._call_rewards(texts, columns))
+
+    def _call_rewards(self, texts: list[str], columns: dict[str, list]) -> torch.Tensor:
+        out = torch.zeros(len(texts), len(self.reward_funcs), device=self.accelerator.device)
+        extra = {"trainer_state": self.state, "log_extra": self._log_completion_extra, "log_metric": self._log_metric}
+        for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
+            values = func(prompts=[""] * len(texts), completions=texts, completion_ids=None, **columns, **extra)
+            values = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float32)
+            if len(values) != len(texts) or not torch.isfinite(values).all():
+                raise ValueError(f"reward {name!r} returned {len(values)} values for {len(texts)} captions, "
+                                 "or a None / NaN / inf value")
+            out[:, i] = values.to(out.device)
+        return out
+
+    def _weighted(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        return (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).sum(dim=1)
+
+    # ------------------------------------------------------------------ generation and scoring
+
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        tokenizer = self.processing_class
+        return [
+            tokenizer.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True).strip()
+            for row, m in zip(ids, mask, strict=True)
+        ]
+
+    def _captions(self, image_inputs: dict[str, torch.Tensor], mode: str, greedy: bool = False) -> torch.Tensor:
+        args = self.args
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_completion_length}
+        if mode == "eval":
+            kwargs.update(do_sample=False, num_beams=args.eval_num_beams)
+        elif greedy or args.train_decoding == "greedy":
+            kwargs.update(do_sample=False, num_beams=1)
+        else:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_k=self.top_k or 0)
+            if self.top_p is not None:
+                kwargs["top_p"] = self.top_p
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            with torch.no_grad():
+                return self.policy.generate(unwrapped, image_inputs, **kwargs)
+        finally:
+            unwrapped.train(was_training)
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        args = self.args
+        device = self.accelerator.device
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        eos = self.processing_class.eos_token_id
+
+        image_inputs = self.policy.image_inputs(inputs, device)
+        completion_ids = self._captions(image_inputs, mode).to(device)
+        mask = completion_mask(completion_ids, eos)
+        texts = self._decode(completion_ids, mask)
+
+        rewards_per_func = self._score(texts, inputs)
+        rewards = self._weighted(rewards_per_func)
+        greedy_rewards = None
+        if self.baseline.needs_greedy:
+            firsts = inputs[::num_generations]  # one row per image (rows of an image are consecutive)
+            first_inputs = {k: v[::num_generations] for k, v in image_inputs.items()}
+            greedy_ids = self._captions(first_inputs, mode, greedy=True).to(device)
+            greedy_texts = self._decode(greedy_ids, completion_mask(greedy_ids, eos))
+            greedy_rewards = self._weighted(self._score(greedy_texts, firsts))
+            self._metrics[mode]["train/greedy_reward"].append(greedy_rewards.mean().item())
+        advantages = self.baseline.advantages(rewards, num_generations, greedy_rewards)
+        image_baseline = self.baseline.per_image(rewards, num_generations, greedy_rewards)
+        if mode == "train":
+            self.baseline.update(rewards)
+
+        process_slice = slice(
+            self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs)
+        )
+        output: dict[str, Any] = {
+            "prompt_ids": torch.zeros(len(inputs), 0, dtype=torch.long, device=device),
+            "prompt_mask": torch.zeros(len(inputs), 0, dtype=torch.long, device=device),
+            "completion_ids": completion_ids,
+            "completion_mask": mask,
+            "advantages": advantages[process_slice],
+            "num_items_in_batch": self.accelerator.gather(mask.sum()).sum(),
+            **image_inputs,
+        }
+        if mode == "train" and (self.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps):
+            with torch.no_grad():
+                output["old_per_token_logps"] = self._token_logps(self.model, image_inputs, completion_ids, mask)[0]
+        if mode == "train" and args.gt_loss_weight > 0:
+            output.update(self._ground_truth(inputs, image_baseline, num_generations, device))
+        if mode == "train":
+            self._update_discriminators(texts, inputs)
+        self._log_step(mode, texts, inputs, rewards_per_func, rewards, advantages)
+        return output
+
+    def _ground_truth(
+        self, inputs: list[dict[str, Any]], image_baseline: torch.Tensor, num_generations: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Chaffin et al.'s ground-truth trajectories: sample k of an image is paired with one of its references.
+
+        References rotate with the step so every one is used over training. Each is scored with the same
+        rewards, and weighted by ``r(gt) - b`` (``gt_weighting="advantage"``), ``r(gt)`` or 1.
+        """
+        args = self.args
+        gt_texts = []
+        for k, row in enumerate(inputs):
+            refs = row[args.captions_column]
+            if not refs:
+                raise ValueError(f"image {row[args.image_id_column]!r} has no reference captions")
+            gt_texts.append(refs[(k % num_generations + self.state.global_step) % len(refs)])
+        gt_rewards = self._weighted(self._score(gt_texts, inputs))
+        process_slice = slice(
+            self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs)
+        )
+        b = image_baseline.repeat_interleave(num_generations)
+        weights = {"advantage": gt_rewards - b, "reward": gt_rewards, "uniform": torch.ones_like(gt_rewards)}
+        gt_ids, gt_mask = tokenize_captions(gt_texts, self.processing_class)
+        self._metrics["train"]["train/gt_reward"].append(gt_rewards.mean().item())
+        return {
+            "gt_ids": gt_ids.to(device),
+            "gt_mask": gt_mask.to(device),
+            "gt_weights": weights[args.gt_weighting][process_slice].to(device),
+        }
+
+    def _update_discriminators(self, texts: list[str], inputs: list[dict[str, Any]]) -> None:
+        """One step per discriminator on this step's references (human) vs sampled captions, global batch."""
+        if not self.discriminators:
+            return
+        args = self.args
+        ids = [row[args.image_id_column] for row in inputs]
+        refs = [row[args.captions_column] for row in inputs]
+        if self.accelerator.num_processes > 1:
+            texts, ids, refs = gather_object(texts), gather_object(ids), gather_object(refs)
+        for disc in self.discriminators:
+            txt = disc.scorer.encode_texts_shared(texts)
+            img = disc.cache[ids].to(txt.device)
+            for key, value in disc.update_from_batch(img, txt, ids, refs).items():
+                self._metrics["train"][f"discriminator/{key}"].append(value)
+
+    def _log_step(
+        self,
+        mode: str,
+        texts: list[str],
+        inputs: list[dict[str, Any]],
+        rewards_per_func: torch.Tensor,
+        rewards: torch.Tensor,
+        advantages: torch.Tensor,
+    ) -> None:
+        metrics = self._metrics[mode]
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(rewards_per_func[:, i].mean().item())
+            metrics[f"rewards/{name}/std"].append(rewards_per_func[:, i].std().item() if len(rewards) > 1 else 0.0)
+        metrics["reward"].append(rewards.mean().item())
+        metrics["train/advantage_std"].append(advantages.std().item() if len(advantages) > 1 else 0.0)
+        all_texts = gather_object(texts)
+        metrics["completions/mean_length"].append(sum(len(t.split()) for t in all_texts) / max(len(all_texts), 1))
+        if self.scorer is not None and self.image_cache is not None:
+            ids = gather_object([row[self.args.image_id_column] for row in inputs])
+            metrics["train/in_batch_p_at_1"].append(self._in_batch_p_at_1(all_texts, ids))
+        self._logs["prompt"].extend([str(i) for i in gather_object([r[self.args.image_id_column] for r in inputs])])
+        self._logs["completion"].extend(all_texts)
+        for i, name in enumerate(self.reward_func_names):
+            self._logs["rewards"][name].extend(rewards_per_func[:, i].tolist())
+        self._logs["advantages"].extend(advantages.tolist())
+
+    def _in_batch_p_at_1(self, texts: list[str], ids: list[Any]) -> float:
+        """Share of captions whose own image is CLIP's top choice among the batch's distinct images."""
+        txt = self.scorer.encode_texts_shared(texts)
+        distinct = list(dict.fromkeys(ids))
+        img = self.image_cache[distinct].to(txt.device, txt.dtype)
+        target = torch.tensor([distinct.index(i) for i in ids], device=txt.device)
+        return (txt @ img.T).argmax(dim=1).eq(target).float().mean().item()
+
+    # ------------------------------------------------------------------ loss
+
+    def _token_logps(
+        self, model: nn.Module, image_inputs: Mapping[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probabilities and entropies ``(B, T)`` of ``ids`` under the (tempered) policy."""
+        logits = self.policy.logits(model, image_inputs, ids, mask).float()
+        if self.args.train_decoding == "sample" and self.temperature != 1.0:
+            logits = logits / self.temperature
+        logps_all = logits.log_softmax(dim=-1)
+        logps = logps_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
+        entropies = -(logps_all.exp() * logps_all).sum(dim=-1)
+        return logps, entropies
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **kwargs,
+    ):
+        if self._loss_image_inputs is None:
+            raise RuntimeError("image inputs of the batch are missing: _compute_loss sets them before TRL's loss")
+        ids = input_ids[:, -logits_to_keep:]
+        mask = attention_mask[:, -logits_to_keep:]
+        logps, entropies = self._token_logps(model, self._loss_image_inputs, ids, mask)
+        return logps, (entropies if compute_entropy else None), None
+
+    def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        self._loss_image_inputs = {key: inputs[key] for key in self.policy.input_keys}
+        try:
+            loss = super()._compute_loss(model, inputs)
+            if "gt_ids" in inputs:
+                logps, _ = self._token_logps(model, self._loss_image_inputs, inputs["gt_ids"], inputs["gt_mask"])
+                per_caption = logps.sum(dim=1) / inputs["gt_mask"].sum(dim=1).clamp(min=1)
+                gt_loss = -(inputs["gt_weights"] * per_caption).mean()
+                mode = "train" if self.model.training else "eval"
+                normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+                loss = loss + self.args.gt_loss_weight * gt_loss / normalizer
+                self._metrics[mode]["train/gt_loss"].append(self.accelerator.gather(gt_loss.detach()).mean().item())
+        finally:
+            self._loss_image_inputs = None
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with open(os.path.join(output_dir, STATE_FILE), "w") as f:
+            json.dump({"baseline": self.args.baseline, "baseline_state": self.baseline.state_dict()}, f)
+        for i, disc in enumerate(self.discriminators):
+            state = {k: v.contiguous() for k, v in disc.discriminator.state_dict().items()}
+            save_file(state, os.path.join(output_dir, f"discriminator_{i}.safetensors"))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by CaptionRLTrainer")
+        with open(path) as f:
+            state = json.load(f)
+        if state["baseline"] != self.args.baseline:
+            raise ValueError(f"checkpoint used baseline {state['baseline']!r}, this run {self.args.baseline!r}")
+        self.baseline.load_state_dict(state["baseline_state"])
+        for i, disc in enumerate(self.discriminators):
+            weights = load_file(os.path.join(checkpoint, f"discriminator_{i}.safetensors"))
+            disc.discriminator.load_state_dict(weights)
