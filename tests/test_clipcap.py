@@ -50,7 +50,8 @@ def gpt2_config(tok, **kw) -> GPT2Config:
 def make_model(tok, seed: int = 0, **kw) -> ClipCapModel:
     torch.manual_seed(seed)
     kw.setdefault("prefix_length", 4)
-    return ClipCapModel(ClipCapConfig(prefix_dim=64, gpt2_config=gpt2_config(tok), **kw)).eval()
+    kw.setdefault("prefix_dim", 64)
+    return ClipCapModel(ClipCapConfig(gpt2_config=gpt2_config(tok), **kw)).eval()
 
 
 def embeds(n: int, seed: int = 1) -> torch.Tensor:
@@ -350,6 +351,19 @@ def test_pixel_path_matches_clip_scorer(tok):
         model.load_clip_tower()
     with pytest.raises(ValueError, match="no image tower"):
         make_model(tok).load_clip_tower(clip)
+
+
+def test_tower_from_open_clip_registry_round_trip(tok, tmp_path):
+    # `from_pretrained` builds models on the meta device; open_clip's factory must follow it there.
+    model = make_model(tok, prefix_dim=384, clip_model_name="ViT-S-32")
+    assert sum(p.numel() for p in model.clip_visual.parameters()) > 10**7
+    model.save_pretrained(tmp_path)
+    back = ClipCapModel.from_pretrained(tmp_path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+    with pytest.raises(ValueError, match="embeds to 384 dimensions but ClipCapConfig.prefix_dim is 64"):
+        make_model(tok, clip_model_name="ViT-S-32")
+    with pytest.raises(ValueError, match="cannot build open_clip model 'no-such-model'"):
+        make_model(tok, clip_model_name="no-such-model")
 
 
 # ---------------------------------------------------------------------- LoRA

@@ -167,7 +167,11 @@ def _build_open_clip(config: ClipCapConfig, pretrained: str | None = None) -> nn
     if config.clip_model_config is not None:
         return open_clip.CLIP(**config.clip_model_config)
     try:
-        return open_clip.create_model(config.clip_model_name, pretrained=pretrained)
+        # `from_pretrained` builds the model under a meta-device context; open_clip moves its model to `device`
+        # at the end, which must then be that same default device.
+        return open_clip.create_model(
+            config.clip_model_name, pretrained=pretrained, device=torch.get_default_device()
+        )
     except RuntimeError as err:  # open_clip reports unknown names and missing weights as RuntimeError
         raise ValueError(
             f"cannot build open_clip model {config.clip_model_name!r} (pretrained={pretrained!r}): {err}"
@@ -221,6 +225,12 @@ class ClipCapModel(ClipCapPreTrainedModel):
         self.clip_visual: nn.Module | None = None
         if config.has_clip_tower:
             self.clip_visual = _build_open_clip(config).visual.eval().requires_grad_(False)
+            tower_dim = getattr(self.clip_visual, "output_dim", config.prefix_dim)
+            if tower_dim != config.prefix_dim:
+                raise ValueError(
+                    f"the image tower embeds to {tower_dim} dimensions but ClipCapConfig.prefix_dim is "
+                    f"{config.prefix_dim}"
+                )
             # open_clip initialised the tower itself; keep HF's init pass off it.
             for module in self.clip_visual.modules():
                 module._is_hf_initialized = True
