@@ -3,6 +3,7 @@
 from clip_rl_trl.clip import ClipScorer
 from clip_rl_trl.data.shapes import ShapesWorld
 from clip_rl_trl.embeddings import ImageEmbeddingCache
+from clip_rl_trl.models import ClipCapConfig, ClipCapModel
 from clip_rl_trl.evaluation import evaluate_captions
 from clip_rl_trl.neighbors import similar_image_groups
 from clip_rl_trl.rewards import functional
@@ -18,13 +19,18 @@ from clip_rl_trl.rewards.callables import (
 from clip_rl_trl.rewards.cider import CiderD
 from clip_rl_trl.rewards.discriminator import Discriminator
 from clip_rl_trl.rewards.grammar import GrammarHead, make_grammar_negatives, train_grammar_head
+from clip_rl_trl.trainer import CaptionRLConfig, CaptionRLTrainer
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BidirectionalReward",
+    "CaptionRLConfig",
+    "CaptionRLTrainer",
     "CiderD",
     "CiderReward",
+    "ClipCapConfig",
+    "ClipCapModel",
     "ClipSReward",
     "ClipScorer",
     "Discriminator",

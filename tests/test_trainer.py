@@ -1,0 +1,198 @@
+"""CaptionRLTrainer on tiny real models: every baseline trains, ground-truth term, errors, exact resume."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import open_clip
+import pytest
+import torch
+from open_clip.transform import image_transform
+from transformers import GPT2Config
+from trl import GRPOTrainer
+
+from clip_rl_trl import (
+    BidirectionalReward,
+    CaptionRLConfig,
+    CaptionRLTrainer,
+    ClipCapConfig,
+    ClipCapModel,
+    ClipScorer,
+    Discriminator,
+    DiscriminatorReward,
+    ImageEmbeddingCache,
+    RetrievalReward,
+    ShapesWorld,
+)
+from clip_rl_trl.baselines import BASELINES
+
+
+@pytest.fixture(scope="module")
+def world() -> ShapesWorld:
+    return ShapesWorld(seed=0)
+
+
+@pytest.fixture(scope="module")
+def setup(world):
+    torch.manual_seed(0)
+    data = world.to_dataset(16, "train")
+    clip = open_clip.CLIP(
+        embed_dim=64,
+        vision_cfg=dict(image_size=32, patch_size=4, width=96, layers=3, head_width=32),
+        text_cfg=dict(context_length=24, width=64, heads=4, layers=2),
+    )
+    scorer = ClipScorer(clip, open_clip.SimpleTokenizer(context_length=24), image_transform(32, is_train=False))
+    cache = ImageEmbeddingCache.build(data, scorer, progress=False)
+    return data.remove_columns("image"), scorer, cache, world.word_tokenizer()
+
+
+def make_model(tokenizer, seed: int = 0) -> ClipCapModel:
+    torch.manual_seed(seed)
+    gpt = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=48, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return ClipCapModel(ClipCapConfig(prefix_dim=64, prefix_length=4, gpt2_config=gpt.to_dict()))
+
+
+def make_args(tmp_path, **overrides) -> CaptionRLConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=10,
+        max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        bf16=False, seed=0, disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return CaptionRLConfig(**kwargs)
+
+
+def make_trainer(setup, args, rewards=None, model=None, **kwargs) -> CaptionRLTrainer:
+    data, scorer, cache, tokenizer = setup
+    if rewards is None:
+        rewards = [BidirectionalReward(scorer, cache)]
+    model = model or make_model(tokenizer)
+    return CaptionRLTrainer(
+        model=model, reward_funcs=rewards, args=args, train_dataset=kwargs.pop("train_dataset", data),
+        processing_class=tokenizer, **kwargs,
+    )
+
+
+def test_is_a_grpo_trainer() -> None:
+    assert issubclass(CaptionRLTrainer, GRPOTrainer)
+
+
+@pytest.mark.parametrize("baseline", BASELINES)
+def test_every_baseline_trains(setup, tmp_path, baseline: str) -> None:
+    trainer = make_trainer(setup, make_args(tmp_path, baseline=baseline))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logs = {k for entry in trainer.state.log_history for k in entry}
+    assert {"rewards/bidirectional/mean", "train/advantage_std", "train/in_batch_p_at_1", "reward"} <= logs
+    if baseline == "greedy":
+        assert "train/greedy_reward" in logs
+    changed = [not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True)]
+    assert any(changed)
+
+
+def test_group_advantages_are_centred_per_image(setup, tmp_path) -> None:
+    trainer = make_trainer(setup, make_args(tmp_path, baseline="group"))
+    batch = [setup[0][i] for i in range(2) for _ in range(4)]  # 2 images x 4 samples
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(batch)
+    torch.testing.assert_close(out["advantages"].view(2, 4).sum(dim=1), torch.zeros(2), atol=1e-5, rtol=0)
+    assert out["image_embeds"].shape == (8, 64)
+    assert out["completion_ids"].shape[0] == 8 and out["completion_mask"].shape == out["completion_ids"].shape
+
+
+def test_single_sample_self_critical(setup, tmp_path) -> None:
+    args = make_args(tmp_path, baseline="greedy", num_generations=1, per_device_train_batch_size=4)
+    assert args.num_generations == 1
+    trainer = make_trainer(setup, args, rewards=[RetrievalReward(setup[1], setup[2])])
+    trainer.train()
+    assert "train/greedy_reward" in {k for e in trainer.state.log_history for k in e}
+
+
+def test_ground_truth_term_and_discriminator(setup, tmp_path) -> None:
+    data, scorer, cache, tokenizer = setup
+    disc = Discriminator(64, lr=1e-2, seed=0)
+    rewards = [BidirectionalReward(scorer, cache), DiscriminatorReward(disc, scorer, cache)]
+    before = [p.detach().clone() for p in disc.parameters()]
+    trainer = make_trainer(setup, make_args(tmp_path, gt_loss_weight=1.0, reward_weights=[0.94, 0.06]), rewards)
+    assert rewards[1].update is False  # the trainer updates it once per step itself
+    trainer.train()
+    logs = {k: v for e in trainer.state.log_history for k, v in e.items()}
+    assert "train/gt_loss" in logs and "train/gt_reward" in logs and "discriminator/loss" in logs
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters(), strict=True))
+
+
+def test_ground_truth_term_alone_moves_the_policy_towards_references(setup, tmp_path) -> None:
+    """With uniform weights and zero policy advantage the ground-truth term is teacher forcing: NLL falls."""
+    data, scorer, cache, tokenizer = setup
+    from clip_rl_trl.models.clipcap import tokenize_captions
+
+    args = make_args(tmp_path, baseline="group", gt_loss_weight=1.0, gt_weighting="uniform", max_steps=4,
+                     learning_rate=3e-3)
+    def zero(prompts, completions, completion_ids, **kw):
+        return [0.0] * len(completions)
+
+    trainer = make_trainer(setup, args, rewards=[zero], image_cache=cache)
+    refs = [r[0] for r in data["captions"][:8]]
+    ids, mask = tokenize_captions(refs, tokenizer)
+    emb = cache[data["image_id"][:8]].float()
+
+    def nll() -> float:
+        with torch.no_grad():
+            return -(trainer.model.token_logprobs(emb, ids, mask).sum() / mask.sum()).item()
+
+    start = nll()
+    trainer.train()
+    assert nll() < start
+
+
+def test_clear_errors_before_training(setup, tmp_path) -> None:
+    data, scorer, cache, tokenizer = setup
+    with pytest.raises(ValueError, match="'captions'.*gt_loss_weight"):
+        make_trainer(setup, make_args(tmp_path, gt_loss_weight=1.0), train_dataset=data.remove_columns("captions"))
+    with pytest.raises(ValueError, match="no column 'image_id'"):
+        make_trainer(setup, make_args(tmp_path), train_dataset=data.rename_column("image_id", "id"))
+    other = ShapesWorld(seed=0).to_dataset(4, "test").remove_columns("image")
+    with pytest.raises(ValueError, match="not in the image-embedding cache"):
+        make_trainer(setup, make_args(tmp_path), train_dataset=other)
+    with pytest.raises(ValueError, match="unknown baseline 'mean'"):
+        make_args(tmp_path, baseline="mean")
+    with pytest.raises(ValueError, match="num_generations >= 2"):
+        make_args(tmp_path, baseline="group", num_generations=1)
+    with pytest.raises(ValueError, match="train_decoding='greedy'"):
+        make_args(tmp_path, train_decoding="greedy")
+    with pytest.raises(ValueError, match="gt_weighting"):
+        make_args(tmp_path, gt_weighting="sometimes")
+    with pytest.raises(TypeError, match="is a model"):
+        make_trainer(setup, make_args(tmp_path), rewards=[torch.nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="tokenizer"):
+        CaptionRLTrainer(model=make_model(tokenizer), reward_funcs=[BidirectionalReward(scorer, cache)],
+                         args=make_args(tmp_path), train_dataset=data)
+
+
+def _train_params(setup, args, resume=None):
+    data, scorer, cache, tokenizer = setup
+    disc = Discriminator(64, lr=1e-2, seed=0)
+    rewards = [BidirectionalReward(scorer, cache), DiscriminatorReward(disc, scorer, cache)]
+    trainer = make_trainer(setup, args, rewards=rewards, model=make_model(tokenizer, seed=1))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, disc
+
+
+def test_resume_gives_the_same_parameters(setup, tmp_path) -> None:
+    """6 steps straight == the same run restarted from its step-3 checkpoint (policy, optimiser, scheduler, RNG,
+    running-mean baseline, discriminator and its optimiser all restored)."""
+    common = dict(baseline="running_mean", gt_loss_weight=0.5, max_steps=6, learning_rate=1e-3,
+                  save_strategy="steps", save_steps=3)
+    straight, disc_a = _train_params(setup, make_args(tmp_path / "a", **common))
+    resumed, disc_b = _train_params(setup, make_args(tmp_path / "b", **common),
+                                    resume=str(tmp_path / "a" / "checkpoint-3"))
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    for a, b in zip(disc_a.parameters(), disc_b.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert straight.baseline.state_dict() == pytest.approx(resumed.baseline.state_dict())
+    assert straight.baseline.state_dict()["count"] == 6
