@@ -1,0 +1,95 @@
+"""Run by tests/test_multiprocess.py under `accelerate launch --cpu --num_processes 2`.
+
+Trains CaptionRLTrainer two steps on two processes, recording every step's global batch (captions, image ids)
+and the rewards the trainer computed; process 0 then recomputes those rewards as one process would on the same
+global batch, and as each process would on its own slice, and writes all of them to the JSON file argv[1].
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import open_clip
+import torch
+from accelerate.utils import gather_object
+from open_clip.transform import image_transform
+from transformers import GPT2Config
+
+from clip_rl_trl import (
+    BidirectionalReward,
+    CaptionRLConfig,
+    CaptionRLTrainer,
+    ClipCapConfig,
+    ClipCapModel,
+    ClipScorer,
+    ImageEmbeddingCache,
+    RetrievalReward,
+    ShapesWorld,
+)
+
+
+def main(out_path: str, gather: bool) -> None:
+    torch.manual_seed(0)
+    world = ShapesWorld(seed=0)
+    data = world.to_dataset(16, "train")
+    clip = open_clip.CLIP(
+        embed_dim=64,
+        vision_cfg=dict(image_size=32, patch_size=4, width=96, layers=3, head_width=32),
+        text_cfg=dict(context_length=24, width=64, heads=4, layers=2),
+    )
+    scorer = ClipScorer(clip, open_clip.SimpleTokenizer(context_length=24), image_transform(32, is_train=False))
+    cache = ImageEmbeddingCache.build(data, scorer, progress=False)
+    tokenizer = world.word_tokenizer()
+    gpt = GPT2Config(vocab_size=len(tokenizer), n_positions=48, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = ClipCapModel(ClipCapConfig(prefix_dim=64, prefix_length=4, gpt2_config=gpt.to_dict()))
+    rewards = [BidirectionalReward(scorer, cache), RetrievalReward(scorer, cache)]
+    args = CaptionRLConfig(
+        output_dir=os.path.join(os.path.dirname(out_path), "run"), per_device_train_batch_size=4,
+        num_generations=2, max_completion_length=8, max_steps=2, learning_rate=1e-3, report_to=[],
+        save_strategy="no", use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
+        gather_rewards_across_processes=gather,
+    )
+    trainer = CaptionRLTrainer(model=model, reward_funcs=rewards, args=args,
+                               train_dataset=data.remove_columns("image"), processing_class=tokenizer)
+    records = []
+    score = trainer._score
+
+    def recording_score(texts, rows):
+        result = score(texts, rows)
+        records.append({
+            "texts": gather_object(list(texts)),
+            "ids": gather_object([r["image_id"] for r in rows]),
+            "local_texts": [list(texts)],
+            "local_ids": [[r["image_id"] for r in rows]],
+            "rewards": result.tolist(),
+        })
+        return result
+
+    trainer._score = recording_score
+    trainer.train()
+    # Per-process batches, to recompute the non-gathered rewards process by process.
+    for rec in records:
+        rec["local_texts"] = gather_object(rec["local_texts"])
+        rec["local_ids"] = gather_object(rec["local_ids"])
+    if trainer.accelerator.is_main_process:
+        fresh = [BidirectionalReward(scorer, cache), RetrievalReward(scorer, cache)]
+        for rec in records:
+            global_funcs = [f(prompts=None, completions=rec["texts"], completion_ids=None, image_id=rec["ids"])
+                            for f in fresh]
+            local_funcs = [
+                [v for texts, ids in zip(rec["local_texts"], rec["local_ids"])
+                 for v in f(prompts=None, completions=texts, completion_ids=None, image_id=ids)]
+                for f in fresh
+            ]
+            rec["global_expected"] = [list(row) for row in zip(*global_funcs)]
+            rec["local_expected"] = [list(row) for row in zip(*local_funcs)]
+        with open(out_path, "w") as f:
+            json.dump({"num_processes": trainer.accelerator.num_processes, "records": records}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], gather=sys.argv[2] == "gather")
