@@ -196,3 +196,33 @@ def test_resume_gives_the_same_parameters(setup, tmp_path) -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert straight.baseline.state_dict() == pytest.approx(resumed.baseline.state_dict())
     assert straight.baseline.state_dict()["count"] == 6
+
+
+def test_evaluate_and_model_card(setup, tmp_path) -> None:
+    data, scorer, cache, tokenizer = setup
+    args = make_args(tmp_path / "run", eval_coco_metrics=False, per_device_eval_batch_size=8, eval_num_beams=2,
+                     baseline="greedy", gt_loss_weight=0.5, reward_weights=[0.94, 0.06])
+    disc = Discriminator(64, seed=0)
+    rewards = [BidirectionalReward(scorer, cache), DiscriminatorReward(disc, scorer, cache)]
+    trainer = make_trainer(setup, args, rewards=rewards, eval_dataset=data)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert {"eval/recall_at_1", "eval/p_at_1_100", "eval/clip_s", "eval/distinct_1"} <= set(metrics)
+    assert 0.0 <= metrics["eval/recall_at_1"] <= 1.0
+    assert len(trainer.last_eval_captions) == 16  # one beam-search caption per distinct image
+    assert any(e.get("eval/recall_at_1") is not None for e in trainer.state.log_history)
+
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    trainer.args.output_dir = str(out)
+    trainer.create_model_card(model_name="shapes-clipcap-bidir")
+    card = (out / "README.md").read_text()
+    assert "library_name: clip-rl-trl" in card and "ClipCapModel" in card
+    assert "| bidirectional | 0.94 |" in card and "| discriminator | 0.06 |" in card
+    assert "| baseline | greedy |" in card and "| gt_loss_weight | 0.5 |" in card
+    assert "recall_at_1" in card
+    for key in ("chaffin2024", "rennie2017", "mokady2021"):
+        assert key in card
+    reloaded = ClipCapModel.from_pretrained(str(out))
+    for (name, a), b in zip(trainer.model.named_parameters(), reloaded.parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)

@@ -28,6 +28,7 @@ class CaptionRLConfig(GRPOConfig):
         train_decoding: ``"sample"`` (the policy's distribution, with ``temperature`` / ``top_k`` / ``top_p``) or
             ``"greedy"`` (DiscriTune's training decoding; needs ``num_generations=1``).
         eval_num_beams: beam size of the evaluation captions.
+        eval_coco_metrics: compute the pycocoevalcap metrics in :meth:`CaptionRLTrainer.evaluate` (needs Java).
         captions_column, image_column, image_id_column: dataset columns with the reference captions (a list of
             strings per row), the image (PIL or path; only needed by captioners that read pixels), and the
             image id (a key of the image-embedding cache).
@@ -42,6 +43,9 @@ class CaptionRLConfig(GRPOConfig):
     gt_weighting: str = field(default="advantage", metadata={"help": f"one of {', '.join(GT_WEIGHTINGS)}"})
     train_decoding: str = field(default="sample", metadata={"help": f"one of {', '.join(TRAIN_DECODINGS)}"})
     eval_num_beams: int = field(default=3, metadata={"help": "beam size for evaluation captions"})
+    eval_coco_metrics: bool = field(
+        default=True, metadata={"help": "BLEU / METEOR / ROUGE-L / CIDEr in evaluation (needs Java)"}
+    )
     captions_column: str = field(default="captions", metadata={"help": "column of reference captions"})
     image_column: str = field(default="image", metadata={"help": "column of images"})
     image_id_column: str = field(default="image_id", metadata={"help": "column of image ids"})

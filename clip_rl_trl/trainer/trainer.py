@@ -31,10 +31,12 @@ from trl import GRPOTrainer
 from clip_rl_trl.baselines import make_baseline
 from clip_rl_trl.clip import ClipScorer
 from clip_rl_trl.embeddings import ImageEmbeddingCache
+from clip_rl_trl.evaluation import evaluate_captions
 from clip_rl_trl.models.clipcap import tokenize_captions
 from clip_rl_trl.models.policies import CaptionPolicy, completion_mask, policy_for
 from clip_rl_trl.rewards.callables import DiscriminatorReward
 from clip_rl_trl.trainer.config import CaptionRLConfig
+from clip_rl_trl.trainer.model_card import model_card_text
 
 STATE_FILE = "caption_rl_state.json"
 _TRL_KWARGS = ("trainer_state", "log_extra", "log_metric")
@@ -115,6 +117,7 @@ class CaptionRLTrainer(GRPOTrainer):
             peft_config=peft_config,
         )
         self._loss_image_inputs: dict[str, torch.Tensor] | None = None
+        self.last_eval_metrics: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ checks
 
@@ -405,3 +408,74 @@ class CaptionRLTrainer(GRPOTrainer):
         for i, disc in enumerate(self.discriminators):
             weights = load_file(os.path.join(checkpoint, f"discriminator_{i}.safetensors"))
             disc.discriminator.load_state_dict(weights)
+
+    # ------------------------------------------------------------------ evaluation and model card
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
+        """Beam-search captions for every distinct image of the evaluation set, scored by ``evaluate_captions``.
+
+        Logs ``<prefix>/<metric>`` (``eval/recall_at_1``, ``eval/p_at_1_100``, ``eval/cider``, ...) and keeps the
+        metrics for the model card.
+        """
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate needs an eval_dataset")
+        if self.scorer is None or self.image_cache is None:
+            raise ValueError("evaluate needs a scorer and an image cache (pass scorer= and image_cache=)")
+        args = self.args
+        rows = list({row[args.image_id_column]: row for row in dataset}.values())
+        captions: list[str] = []
+        eos = self.processing_class.eos_token_id
+        batch = args.per_device_eval_batch_size
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            ids = self._captions(self.policy.image_inputs(chunk, self.accelerator.device), "eval")
+            captions += self._decode(ids, completion_mask(ids, eos))
+        refs = [row[args.captions_column] for row in rows] if args.captions_column in rows[0] else None
+        image_emb = self.image_cache[[row[args.image_id_column] for row in rows]].float()
+        metrics = evaluate_captions(captions, image_emb, self.scorer, refs=refs, coco_metrics=args.eval_coco_metrics)
+        scalars = {f"{metric_key_prefix}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.log(scalars)
+        self.last_eval_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.last_eval_captions = captions
+        return scalars
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags: Any = None):
+        """Write ``README.md`` in ``output_dir``: captioner, rewards and weights, baseline, last metrics, papers."""
+        if not self.is_world_process_zero():
+            return
+        base = self.accelerator.unwrap_model(self.model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        details: dict[str, Any] = {"class": type(base).__name__}
+        config = getattr(base, "config", None)
+        for key in ("prefix_dim", "prefix_length", "mapper_type"):
+            if hasattr(config, key):
+                details[key] = getattr(config, key)
+        details["parameters"] = sum(p.numel() for p in base.parameters())
+        details["trainable parameters"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        args = self.args
+        settings = {
+            "baseline": args.baseline,
+            "gt_loss_weight": args.gt_loss_weight,
+            "gt_weighting": args.gt_weighting,
+            "train_decoding": args.train_decoding,
+            "num_generations": args.num_generations,
+            "learning_rate": args.learning_rate,
+            "steps": self.state.global_step,
+            "loss_type": args.loss_type,
+            "beta (KL)": args.beta,
+        }
+        tag_list = [tags] if isinstance(tags, str) else list(tags or [])
+        text = model_card_text(
+            model_name=model_name or os.path.basename(os.path.normpath(args.output_dir)),
+            captioner=type(base).__name__,
+            captioner_details=details,
+            rewards=list(zip(self.reward_func_names, self.reward_weights.tolist(), strict=True)),
+            settings=settings,
+            metrics=self.last_eval_metrics,
+            tags=list(dict.fromkeys([*self._tag_names, *tag_list])),
+            dataset_name=dataset_name,
+        )
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+            f.write(text)
