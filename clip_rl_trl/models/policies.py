@@ -4,10 +4,16 @@ An adapter turns dataset rows into the captioner's image inputs, samples or deco
 logits of given captions (teacher-forced) so the trainer can compute per-token log-probabilities. The trainer
 calls ``logits`` on the model it trains (possibly wrapped by DDP or PEFT) so gradients flow; ``generate`` on the
 unwrapped model.
+
+Families: :class:`ClipCapPolicy` (cached CLIP embeddings), :class:`BlipPolicy` (``BlipForConditionalGeneration``,
+pixels through its own vision tower), :class:`CausalVLMPolicy` (decoder-only VLMs such as LLaVA: a processor
+expands an image placeholder in a text prompt, captions continue the prompt). Caption ids are always "caption
+tokens + EOS", no BOS and no prompt: each adapter adds what its model needs in front, internally.
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,6 +22,9 @@ import torch
 from torch import nn
 
 from clip_rl_trl.embeddings import ImageEmbeddingCache
+
+# Processor outputs that are the prompt's text, not image tensors.
+_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
 
 
 def completion_mask(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -91,18 +100,274 @@ class ClipCapPolicy(CaptionPolicy):
         return model(input_ids=ids, attention_mask=mask, image_embeds=image_inputs["image_embeds"]).logits
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model under a PEFT wrapper (its LoRA layers are injected in place, so its sub-modules are live)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _load_images(rows: Sequence[Mapping[str, Any]], column: str) -> list[Any]:
+    """RGB PIL images from ``rows[column]`` (PIL images or file paths)."""
+    from PIL import Image
+
+    images = []
+    for i, row in enumerate(rows):
+        if column not in row:
+            raise KeyError(f"row {i} has no image column {column!r}; its columns are {sorted(row)}")
+        value = row[column]
+        if isinstance(value, (str, os.PathLike)):
+            value = Image.open(value)
+        if not isinstance(value, Image.Image):
+            raise TypeError(f"row {i}: column {column!r} holds a {type(value).__name__}, not a PIL image or path")
+        images.append(value.convert("RGB"))
+    return images
+
+
+def _check_rows(tensors: Mapping[str, torch.Tensor], n: int) -> None:
+    for key, value in tensors.items():
+        if value.shape[0] != n:
+            raise ValueError(
+                f"image input {key!r} has first dimension {value.shape[0]} for {n} rows; the trainer splits every "
+                "image input by rows, so each must hold one entry per row"
+            )
+
+
+class BlipPolicy(CaptionPolicy):
+    """``BlipForConditionalGeneration``: pixels in, captions from its text decoder over the image patches.
+
+    The decoder reads ``[BOS] + prompt + caption + [SEP]``: captions end with ``[SEP]`` (BLIP's end of text),
+    so the tokenizer's ``eos_token`` must be its ``sep_token`` (``tokenizer.eos_token = tokenizer.sep_token``).
+    ``generate`` calls the text decoder itself rather than ``BlipForConditionalGeneration.generate``, which
+    drops the last prompt token (it expects the processor's trailing ``[SEP]``) and whose ``eos_token_id``
+    handling varies across transformers versions; the BOS and prompt are stripped from the returned ids.
+
+    Args:
+        tokenizer: the BLIP tokenizer (the trainer's ``processing_class``).
+        config: the model's ``BlipConfig`` (token ids and image size).
+        image_processor: turns PIL images into ``pixel_values``; defaults to a ``BlipImageProcessor`` at the
+            vision tower's image size (BLIP's released preprocessing: bicubic resize, CLIP mean and std).
+        image_column: the dataset column with the images (PIL or paths).
+        prompt: optional text every caption continues (e.g. ``"a picture of"``); not part of the returned ids.
+    """
+
+    input_keys = ("pixel_values",)
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        config: Any,
+        image_processor: Any = None,
+        image_column: str = "image",
+        prompt: str | None = None,
+    ) -> None:
+        text = config.text_config
+        if tokenizer.eos_token_id is None or tokenizer.eos_token_id != text.sep_token_id:
+            raise ValueError(
+                f"BLIP captions end with the decoder's sep token (id {text.sep_token_id}) but the tokenizer's "
+                f"eos_token_id is {tokenizer.eos_token_id}: set tokenizer.eos_token = tokenizer.sep_token"
+            )
+        if len(tokenizer) > text.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, over the decoder's {text.vocab_size}")
+        if image_processor is None:
+            from transformers import BlipImageProcessor
+
+            size = config.vision_config.image_size
+            image_processor = BlipImageProcessor(size={"height": size, "width": size})
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        if prompt and not prompt_ids:
+            raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_column = image_column
+        self.prompt = prompt
+        self.prefix = torch.tensor([text.bos_token_id, *prompt_ids], dtype=torch.long)
+        self.eos_token_id = text.sep_token_id
+        self.pad_token_id = text.pad_token_id
+
+    def image_inputs(
+        self, rows: Sequence[Mapping[str, Any]], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        images = _load_images(rows, self.image_column)
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels.to(device)}
+
+    def _prefix(self, batch: int, device: torch.device) -> torch.Tensor:
+        return self.prefix.to(device).unsqueeze(0).expand(batch, -1)
+
+    def generate(
+        self, model: nn.Module, image_inputs: Mapping[str, torch.Tensor], **kwargs: Any
+    ) -> torch.Tensor:
+        base = _base_model(model)
+        pixels = image_inputs["pixel_values"]
+        patches = base.vision_model(pixel_values=pixels.to(base.dtype)).last_hidden_state
+        prefix = self._prefix(pixels.shape[0], pixels.device)
+        out = base.text_decoder.generate(
+            input_ids=prefix,
+            attention_mask=torch.ones_like(prefix),
+            encoder_hidden_states=patches,
+            encoder_attention_mask=torch.ones(patches.shape[:2], dtype=torch.long, device=patches.device),
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            **kwargs,
+        )
+        return out[:, prefix.shape[1] :]
+
+    def logits(
+        self,
+        model: nn.Module,
+        image_inputs: Mapping[str, torch.Tensor],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        prefix = self._prefix(ids.shape[0], ids.device)
+        input_ids = torch.cat([prefix, ids], dim=1)
+        attention_mask = torch.cat([torch.ones_like(prefix), mask.to(prefix.dtype)], dim=1)
+        pixels = image_inputs["pixel_values"]
+        # Position P-1 (the last prefix token) predicts the first caption token; only T + 1 positions are projected.
+        out = model(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask,
+                    logits_to_keep=ids.shape[1] + 1)
+        return out.logits[:, :-1]
+
+
+class CausalVLMPolicy(CaptionPolicy):
+    """A decoder-only vision-language model (LLaVA and kin): ``processor(images, prompt)`` -> prompt ids with the
+    image placeholder expanded + pixel tensors; captions continue the prompt (TRL's own VLM path, per caption).
+
+    Args:
+        processor: the model's processor (image processor + tokenizer, e.g. ``LlavaProcessor``); its tokenizer
+            must have an ``eos_token``, which ends captions.
+        prompt: the text in front of each caption; must hold the processor's image token (e.g.
+            ``"USER: <image>\nDescribe the image. ASSISTANT:"``, or a chat template's output).
+        image_column: the dataset column with the images (PIL or paths).
+        image_keys: the processor outputs the model reads beside the prompt (LLaVA: ``pixel_values``;
+            LLaVA-NeXT: ``pixel_values``, ``image_sizes``); each needs one entry per row.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        prompt: str | None = None,
+        image_column: str = "image",
+        image_keys: Sequence[str] = ("pixel_values",),
+    ) -> None:
+        tokenizer = processor.tokenizer
+        image_token = getattr(processor, "image_token", None)
+        if image_token is None:
+            raise ValueError(f"{type(processor).__name__} has no image_token; CausalVLMPolicy needs a VLM processor")
+        prompt = image_token if prompt is None else prompt
+        if image_token not in prompt:
+            raise ValueError(f"prompt {prompt!r} has no image token {image_token!r}")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the processor's tokenizer has no eos_token; captions must end with one")
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.image_column = image_column
+        self.image_keys = tuple(image_keys)
+        # Prompt tensors get their own names: the trainer's batch already has (empty) prompt_ids / prompt_mask.
+        self.input_keys = ("vlm_prompt_ids", "vlm_prompt_mask", *self.image_keys)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def image_inputs(
+        self, rows: Sequence[Mapping[str, Any]], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        images = _load_images(rows, self.image_column)
+        # Left padding keeps every prompt's last token at the same position, where the caption starts.
+        enc = self.processor(
+            images=images, text=[self.prompt] * len(images), return_tensors="pt", padding=True, padding_side="left"
+        )
+        unknown = sorted(set(enc) - _TEXT_KEYS - set(self.image_keys))
+        if unknown:
+            raise ValueError(f"the processor also returns {unknown}: list the ones the model reads in image_keys=")
+        missing = [key for key in self.image_keys if key not in enc]
+        if missing:
+            raise ValueError(f"the processor returns no {missing}; it returns {sorted(enc)}")
+        out = {"vlm_prompt_ids": enc["input_ids"], "vlm_prompt_mask": enc["attention_mask"]}
+        out.update({key: enc[key] for key in self.image_keys})
+        _check_rows(out, len(rows))
+        return {key: value.to(device) for key, value in out.items()}
+
+    def _images(self, image_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: image_inputs[key] for key in self.image_keys}
+
+    def generate(
+        self, model: nn.Module, image_inputs: Mapping[str, torch.Tensor], **kwargs: Any
+    ) -> torch.Tensor:
+        prompt = image_inputs["vlm_prompt_ids"]
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=image_inputs["vlm_prompt_mask"],
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            # A sampled image token would have no image features to stand for (TRL suppresses it too).
+            suppress_tokens=[self.image_token_id],
+            **self._images(image_inputs),
+            **kwargs,
+        )
+        return out[:, prompt.shape[1] :]
+
+    def logits(
+        self,
+        model: nn.Module,
+        image_inputs: Mapping[str, torch.Tensor],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        prompt, prompt_mask = image_inputs["vlm_prompt_ids"], image_inputs["vlm_prompt_mask"]
+        out = model(
+            input_ids=torch.cat([prompt, ids], dim=1),
+            attention_mask=torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
+            logits_to_keep=ids.shape[1] + 1,
+            **self._images(image_inputs),
+        )
+        return out.logits[:, :-1]
+
+
+def _is_causal_vlm(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return (
+        hasattr(config, "vision_config")
+        and hasattr(config, "text_config")
+        and not getattr(config, "is_encoder_decoder", False)
+        and hasattr(model, "generate")
+    )
+
+
 def policy_for(
-    model: nn.Module, cache: ImageEmbeddingCache | None, id_column: str, tokenizer: Any
+    model: nn.Module,
+    cache: ImageEmbeddingCache | None,
+    id_column: str,
+    tokenizer: Any,
+    image_column: str = "image",
 ) -> CaptionPolicy:
-    """The adapter for ``model`` (a ``ClipCapModel``, possibly inside a PEFT wrapper)."""
+    """The adapter for ``model`` (possibly inside a PEFT wrapper).
+
+    ``tokenizer`` is the trainer's ``processing_class``: a tokenizer, or for pixel-reading captioners a
+    processor. ClipCap reads ``cache`` by ``id_column``; BLIP and decoder-only VLMs read ``image_column``.
+    """
+    from transformers import BlipForConditionalGeneration
+
     from clip_rl_trl.models.clipcap import ClipCapModel
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
+    is_processor = hasattr(tokenizer, "image_processor") and hasattr(tokenizer, "tokenizer")
     if isinstance(base, ClipCapModel):
         if cache is None:
             raise ValueError("a ClipCap policy reads cached CLIP image embeddings: pass image_cache=")
         return ClipCapPolicy(cache, id_column, tokenizer)
+    if isinstance(base, BlipForConditionalGeneration):
+        if is_processor:
+            return BlipPolicy(tokenizer.tokenizer, base.config, tokenizer.image_processor, image_column)
+        return BlipPolicy(tokenizer, base.config, image_column=image_column)
+    if _is_causal_vlm(base):
+        if not is_processor:
+            raise ValueError(
+                f"{type(base).__name__} needs its processor to place image tokens in the prompt: pass "
+                "policy=CausalVLMPolicy(processor, prompt=...) (or the processor as processing_class)"
+            )
+        return CausalVLMPolicy(tokenizer, image_column=image_column)
     raise TypeError(
-        f"CaptionRLTrainer has no policy adapter for {type(base).__name__}; supported: ClipCapModel "
+        f"CaptionRLTrainer has no policy adapter for {type(base).__name__}; supported: ClipCapModel, "
+        "BlipForConditionalGeneration, decoder-only VLMs (LLaVA and kin) "
         "(pass policy= with a CaptionPolicy subclass for another captioner)"
     )
