@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from clip_rl_trl import ClipScorer
-from clip_rl_trl.data import ShapesWorld, precision_at_1
+from clip_rl_trl.data import ShapesWorld
 from clip_rl_trl.data.shapes import BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, SIZES
 
 TWO = {
@@ -208,27 +208,6 @@ def test_word_tokenizer_round_trip(ds) -> None:
     ids = [tok.bos_token_id, *tok("a red circle")["input_ids"], tok.eos_token_id, tok.pad_token_id]
     assert tok.decode(ids, skip_special_tokens=True) == "a red circle"
     assert tok("a purple blob")["input_ids"][-1] == tok.unk_token_id
-
-
-def test_precision_at_1_by_hand() -> None:
-    images = torch.eye(3)
-    texts = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.2, 0.9]])
-    # Caption 1 prefers image 0 to its own image 1: a miss; captions 0 and 2 are hits.
-    assert precision_at_1(texts, images, num_distractors=2) == pytest.approx(2 / 3)
-    assert precision_at_1(texts[:2], images, owners=[0, 0], num_distractors=2) == pytest.approx(1.0)
-    # Each caption equals its own image and is orthogonal to the rest: a hit only if the own image is never
-    # drawn as its own distractor.
-    assert precision_at_1(torch.eye(150), torch.eye(150)) == 1.0
-    # Own image beats all but image 1: a hit exactly when image 1 is the one of 100 others left out.
-    sims = torch.eye(101)
-    texts = torch.zeros(2000, 101)
-    texts[:, 0], texts[:, 1] = 0.5, 0.6
-    rate = precision_at_1(texts, sims, owners=[0] * 2000)
-    assert 0.0 < rate < 0.03
-    with pytest.raises(ValueError, match="num_distractors"):
-        precision_at_1(torch.eye(50), torch.eye(50))
-    with pytest.raises(ValueError, match="owners"):
-        precision_at_1(torch.eye(3), torch.eye(3), owners=[0, 1], num_distractors=2)
 
 
 def test_train_clip_caches_and_reuses(tmp_path, monkeypatch) -> None:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from clip_rl_trl.clip import ClipScorer
+from clip_rl_trl.evaluation.retrieval import precision_at_1
 
 if TYPE_CHECKING:
     import datasets
@@ -534,10 +535,15 @@ class ShapesWorld:
     ) -> dict[str, float]:
         """P@1 among 100 of ``scorer`` on ``n`` scenes of ``split``, per caption level.
 
-        Levels: ``full`` (full captions), ``human`` (all five human-like captions), and partial captions of the
-        salient object: ``size colour shape on a background``, ``colour shape``, ``shape``. Distractors are
-        drawn with ``seed`` (see ``precision_at_1``).
+        Levels: ``full`` (full captions), ``human`` (the five human-like captions: the mean over the five
+        one-caption-per-image sets), and partial captions of the salient object: ``size colour shape on a
+        background``, ``colour shape``, ``shape``. Scored by
+        :func:`clip_rl_trl.evaluation.retrieval.precision_at_1` with Dessì et al.'s strict rule (a tie is a miss)
+        and distractors drawn with ``seed``.
         """
+        def p_at_1(texts: Sequence[str]) -> float:
+            return precision_at_1(scorer.encode_texts(texts), image_emb, seed=seed, ties="strict")
+
         _check_n_split(n, split)
         examples = [self._example(split, i) for i in range(n)]
         image_emb = scorer.encode_images([image for _, image, _ in examples])
@@ -546,53 +552,13 @@ class ShapesWorld:
             "colour shape": (("colour", "shape"), False),
             "shape": (("shape",), False),
         }
-        result = {
-            "full": precision_at_1(
-                scorer.encode_texts([self.describe(s) for s, _, _ in examples]), image_emb, seed=seed
-            )
-        }
-        human = [c for _, _, caps in examples for c in caps]
-        owners = torch.arange(n).repeat_interleave(5)
-        result["human"] = precision_at_1(scorer.encode_texts(human), image_emb, owners, seed=seed)
+        result = {"full": p_at_1([self.describe(s) for s, _, _ in examples])}
+        result["human"] = sum(p_at_1([caps[k] for _, _, caps in examples]) for k in range(5)) / 5
         for name, (attributes, background) in levels.items():
-            texts = [
-                self.describe(s, attributes, [self.salient_object(s)], background) for s, _, _ in examples
-            ]
-            result[name] = precision_at_1(scorer.encode_texts(texts), image_emb, seed=seed)
+            result[name] = p_at_1(
+                [self.describe(s, attributes, [self.salient_object(s)], background) for s, _, _ in examples]
+            )
         return result
-
-
-def precision_at_1(
-    text_emb: torch.Tensor,
-    image_emb: torch.Tensor,
-    owners: torch.Tensor | Sequence[int] | None = None,
-    num_distractors: int = 99,
-    seed: int = 0,
-) -> float:
-    """P@1 among ``num_distractors + 1`` (Dessì et al. 2023): the share of captions whose own image scores
-    strictly higher, by cosine ``e_T . e_I``, than each of ``num_distractors`` distinct random other images.
-
-    ``text_emb`` (T, D) and ``image_emb`` (N, D) are L2-normalised; caption ``t`` belongs to image
-    ``owners[t]`` (default ``t``, one caption per image). Distractors are drawn with a ``torch.Generator``
-    seeded by ``seed`` and never include the caption's own image.
-    """
-    n_text, n_img = text_emb.shape[0], image_emb.shape[0]
-    owners = torch.arange(n_text) if owners is None else torch.as_tensor(owners, dtype=torch.long)
-    if owners.shape != (n_text,):
-        raise ValueError(
-            f"owners must hold one image index per caption ({n_text}), got shape {tuple(owners.shape)}"
-        )
-    if n_text and (owners.min() < 0 or owners.max() >= n_img):
-        raise ValueError(f"owners must index the {n_img} images")
-    if n_img <= num_distractors:
-        raise ValueError(f"need more than num_distractors={num_distractors} images, got {n_img}")
-    sims = (text_emb.float() @ image_emb.float().T).cpu()
-    gen = torch.Generator().manual_seed(seed)
-    # A random permutation of the N-1 other images per caption, shifted past the caption's own image.
-    distractors = torch.rand(n_text, n_img - 1, generator=gen).argsort(dim=1)[:, :num_distractors]
-    distractors += (distractors >= owners[:, None]).long()
-    target = sims.gather(1, owners[:, None]).squeeze(1)
-    return (target > sims.gather(1, distractors).amax(dim=1)).float().mean().item()
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour: tuple) -> None:
