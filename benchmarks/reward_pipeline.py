@@ -76,7 +76,7 @@ def main() -> None:
     size = size if isinstance(size, int) else size[0]
     images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n_images)]
     ids = [f"img{i}" for i in range(n_images)]
-    cache = ImageEmbeddingCache.build([{"image": im, "image_id": i} for im, i in zip(images, ids)], scorer, progress=False)
+    cache = ImageEmbeddingCache.build([{"image": im, "image_id": i} for im, i in zip(images, ids, strict=True)], scorer, progress=False)
     cache = cache.to(device)
     groups = similar_image_groups(cache.embeddings, k=5)
     batch_ids = [i for i in ids for _ in range(args.generations)]

@@ -3,8 +3,8 @@
 from clip_rl_trl.clip import ClipScorer
 from clip_rl_trl.data.shapes import ShapesWorld
 from clip_rl_trl.embeddings import ImageEmbeddingCache
-from clip_rl_trl.models import ClipCapConfig, ClipCapModel
 from clip_rl_trl.evaluation import evaluate_captions
+from clip_rl_trl.models import ClipCapConfig, ClipCapModel
 from clip_rl_trl.neighbors import similar_image_groups
 from clip_rl_trl.rewards import functional
 from clip_rl_trl.rewards.callables import (

@@ -54,7 +54,7 @@ class Baseline(ABC):
     ) -> torch.Tensor:
         """Baseline ``(N / G,)`` of each image for a trajectory outside the samples."""
 
-    def update(self, rewards: torch.Tensor) -> None:
+    def update(self, rewards: torch.Tensor) -> None:  # noqa: B027 - stateless baselines keep nothing
         """Record this step's rewards (stateless baselines ignore them)."""
 
     def state_dict(self) -> dict[str, float]:

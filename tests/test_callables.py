@@ -5,10 +5,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import open_clip
 import pytest
 import torch
-from open_clip.transform import image_transform
 from PIL import Image
 
 from clip_rl_trl import ClipScorer, ImageEmbeddingCache, similar_image_groups
@@ -29,17 +27,6 @@ from clip_rl_trl.rewards.grammar import GrammarHead
 
 COLOURS = [(255, 0, 0), (0, 0, 255), (0, 160, 0), (200, 200, 0), (128, 0, 128), (0, 200, 200)]
 NAMES = ["red", "blue", "green", "yellow", "purple", "cyan"]
-
-
-@pytest.fixture(scope="module")
-def scorer() -> ClipScorer:
-    torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg=dict(image_size=32, patch_size=4, width=96, layers=3, head_width=32),
-        text_cfg=dict(context_length=24, width=64, heads=4, layers=2),
-    )
-    return ClipScorer(model, open_clip.SimpleTokenizer(context_length=24), image_transform(32, is_train=False))
 
 
 @pytest.fixture(scope="module")

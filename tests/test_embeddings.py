@@ -9,12 +9,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import datasets
 import numpy as np
-import open_clip
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from open_clip.transform import image_transform
+from conftest import make_tiny_scorer
 from PIL import Image
 
 from clip_rl_trl.clip import ClipScorer
@@ -25,14 +24,7 @@ COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 0), (10, 10, 10)]
 
 @pytest.fixture(scope="module")
 def scorer() -> ClipScorer:
-    torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg=dict(image_size=32, patch_size=4, width=96, layers=3, head_width=32),
-        text_cfg=dict(context_length=24, width=64, heads=4, layers=2),
-    )
-    preprocess = image_transform(32, is_train=False)
-    return ClipScorer(model, open_clip.SimpleTokenizer(context_length=24), preprocess, batch_size=2)
+    return make_tiny_scorer(batch_size=2)  # small batches, so building a cache crosses batch boundaries
 
 
 @pytest.fixture(scope="module")

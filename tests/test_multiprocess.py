@@ -39,8 +39,8 @@ def test_rewards_under_two_processes(tmp_path: Path, mode: str) -> None:
         for got, want in zip(rec["rewards"], expected, strict=True):
             assert got == pytest.approx(want, abs=1e-5)
         differs |= any(
-            g != pytest.approx(l, abs=1e-4)
+            g != pytest.approx(loc, abs=1e-4)
             for g_row, l_row in zip(rec["global_expected"], rec["local_expected"], strict=True)
-            for g, l in zip(g_row, l_row, strict=True)
+            for g, loc in zip(g_row, l_row, strict=True)
         )
     assert differs

@@ -81,12 +81,12 @@ def main(out_path: str, gather: bool) -> None:
             global_funcs = [f(prompts=None, completions=rec["texts"], completion_ids=None, image_id=rec["ids"])
                             for f in fresh]
             local_funcs = [
-                [v for texts, ids in zip(rec["local_texts"], rec["local_ids"])
+                [v for texts, ids in zip(rec["local_texts"], rec["local_ids"], strict=True)
                  for v in f(prompts=None, completions=texts, completion_ids=None, image_id=ids)]
                 for f in fresh
             ]
-            rec["global_expected"] = [list(row) for row in zip(*global_funcs)]
-            rec["local_expected"] = [list(row) for row in zip(*local_funcs)]
+            rec["global_expected"] = [list(row) for row in zip(*global_funcs, strict=True)]
+            rec["local_expected"] = [list(row) for row in zip(*local_funcs, strict=True)]
         with open(out_path, "w") as f:
             json.dump({"num_processes": trainer.accelerator.num_processes, "records": records}, f)
 
