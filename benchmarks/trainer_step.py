@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transform import image_transform
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from clip_rl_trl import (
@@ -121,23 +122,41 @@ def judge(kind: str, device: torch.device) -> ClipScorer:
 def image_cache(n: int, dim: int) -> ImageEmbeddingCache:
     """Random unit embeddings: the trainers only look them up (the image tower runs once, before training)."""
     generator = torch.Generator().manual_seed(0)
-    return ImageEmbeddingCache([f"img-{i}" for i in range(n)], F.normalize(torch.randn(n, dim, generator=generator), dim=-1))
+    return ImageEmbeddingCache(
+        [f"img-{i}" for i in range(n)], F.normalize(torch.randn(n, dim, generator=generator), dim=-1)
+    )
 
 
 def gpt2_config(tokenizer: Any, size: str) -> GPT2Config:
-    shape = dict(n_embd=64, n_layer=2, n_head=2) if size == "tiny" else dict(n_embd=768, n_layer=12, n_head=12)
+    shape = (
+        dict(n_embd=64, n_layer=2, n_head=2) if size == "tiny" else dict(n_embd=768, n_layer=12, n_head=12)
+    )
     return GPT2Config(
-        vocab_size=len(tokenizer), n_positions=64, **shape, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        **shape,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
 
 
 def common_args(opts: argparse.Namespace, output_dir: str) -> dict[str, Any]:
     return dict(
-        output_dir=output_dir, per_device_train_batch_size=opts.batch, num_generations=opts.num_generations,
-        max_completion_length=opts.max_completion_length, max_steps=opts.steps, learning_rate=1e-4,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=opts.device == "cpu", bf16=False, seed=0,
-        disable_tqdm=True, log_completions=False,
+        output_dir=output_dir,
+        per_device_train_batch_size=opts.batch,
+        num_generations=opts.num_generations,
+        max_completion_length=opts.max_completion_length,
+        max_steps=opts.steps,
+        learning_rate=1e-4,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=opts.device == "cpu",
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+        log_completions=False,
     )
 
 
@@ -145,16 +164,28 @@ def run_ours(opts, scorer, cache, tokenizer, dataset, prefix_length: int, size: 
     device = torch.device(opts.device)
     torch.manual_seed(0)
     model = ClipCapModel(
-        ClipCapConfig(prefix_dim=scorer.embed_dim, prefix_length=prefix_length,
-                      gpt2_config=gpt2_config(tokenizer, size).to_dict())
+        ClipCapConfig(
+            prefix_dim=scorer.embed_dim,
+            prefix_length=prefix_length,
+            gpt2_config=gpt2_config(tokenizer, size).to_dict(),
+        )
     )
     # The timing wrapper hides the reward's cache and scorer, which the trainer would otherwise find itself.
     reward = TimedReward(ClipSReward(scorer, cache, prompt=""), device)
     timer = StepTimer(device)
     with tempfile.TemporaryDirectory() as tmp:
         args = CaptionRLConfig(baseline="group", log_sample_captions=0, **common_args(opts, tmp))
-        trainer = CaptionRLTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
-                                   processing_class=tokenizer, image_cache=cache, scorer=scorer, callbacks=[timer])
+        trainer = CaptionRLTrainer(
+            model=model,
+            reward_funcs=[reward],
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            image_cache=cache,
+            scorer=scorer,
+            callbacks=[timer],
+        )
+        trainer.remove_callback(PrinterCallback)  # keep the output to the summary
         trainer.train()
     return summary(trainer, timer, reward, opts.warmup)
 
@@ -169,18 +200,26 @@ def run_stock(opts, scorer, cache, tokenizer, dataset, prefix_length: int, size:
     prompt = " ".join(["a"] * prefix_length)
     with tempfile.TemporaryDirectory() as tmp:
         args = GRPOConfig(**common_args(opts, tmp))
-        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args,
-                              train_dataset=dataset.map(lambda _: {"prompt": prompt}),
-                              processing_class=tokenizer, callbacks=[timer])
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[reward],
+            args=args,
+            train_dataset=dataset.map(lambda _: {"prompt": prompt}),
+            processing_class=tokenizer,
+            callbacks=[timer],
+        )
+        trainer.remove_callback(PrinterCallback)  # keep the output to the summary
         trainer.train()
     return summary(trainer, timer, reward, opts.warmup)
 
 
 def summary(trainer, timer: StepTimer, reward: TimedReward, warmup: int) -> dict[str, Any]:
-    lengths = [e["completions/mean_length"] for e in trainer.state.log_history if "completions/mean_length" in e]
+    lengths = [
+        e["completions/mean_length"] for e in trainer.state.log_history if "completions/mean_length" in e
+    ]
     # Calls per step: one for the samples (two with a greedy baseline); align the reward calls to steps.
     per_step = len(reward.times) // len(timer.times)
-    reward_per_step = [sum(reward.times[i * per_step:(i + 1) * per_step]) for i in range(len(timer.times))]
+    reward_per_step = [sum(reward.times[i * per_step : (i + 1) * per_step]) for i in range(len(timer.times))]
     return {
         "steps": timer.times[warmup:],
         "reward": reward_per_step[warmup:],
@@ -196,20 +235,26 @@ def compare(opts: argparse.Namespace) -> None:
     cache = image_cache(opts.images, scorer.embed_dim)
     dataset = datasets.Dataset.from_dict({"image_id": cache.ids})
     prefix_length = 4
-    results: dict[str, dict[str, list[float]]] = {"ours": {"steps": [], "reward": [], "length": []},
-                                                  "stock": {"steps": [], "reward": [], "length": []}}
+    results: dict[str, dict[str, list[float]]] = {
+        "ours": {"steps": [], "reward": [], "length": []},
+        "stock": {"steps": [], "reward": [], "length": []},
+    }
     for _ in range(opts.rounds):
         for name, fn in (("ours", run_ours), ("stock", run_stock)):
             out = fn(opts, scorer, cache, tokenizer, dataset, prefix_length, "tiny")
             results[name]["steps"] += out["steps"]
             results[name]["reward"] += out["reward"]
             results[name]["length"].append(out["length"])
-    print(f"device {opts.device}; batch {opts.batch} captions ({opts.batch // opts.num_generations} images x "
-          f"{opts.num_generations}); max_completion_length {opts.max_completion_length}; {opts.rounds} rounds x "
-          f"{opts.steps} steps, first {opts.warmup} of each round dropped; torch threads {torch.get_num_threads()}")
+    print(
+        f"device {opts.device}; batch {opts.batch} captions ({opts.batch // opts.num_generations} images x "
+        f"{opts.num_generations}); max_completion_length {opts.max_completion_length}; {opts.rounds} rounds x "
+        f"{opts.steps} steps, first {opts.warmup} of each round dropped; torch threads {torch.get_num_threads()}"
+    )
     print("ours: ClipCap (MLP mapper, 4 prefix embeddings, GPT-2 2 layers x 64) under CaptionRLTrainer")
-    print("stock: GPT2LMHeadModel (same GPT-2 config, 4 prompt tokens) under trl.GRPOTrainer "
-          "(the library has no decoder-only policy adapter)")
+    print(
+        "stock: GPT2LMHeadModel (same GPT-2 config, 4 prompt tokens) under trl.GRPOTrainer "
+        "(the library has no decoder-only policy adapter)"
+    )
     print(f"{'':6s} {'median step':>12s} {'p10':>9s} {'p90':>9s} {'reward share':>13s} {'mean words':>11s}")
     medians = {}
     for name, r in results.items():
@@ -217,8 +262,10 @@ def compare(opts: argparse.Namespace) -> None:
         medians[name] = statistics.median(steps)
         share = sum(r["reward"]) / sum(r["steps"])
         p10, p90 = steps[len(steps) // 10], steps[(9 * len(steps)) // 10]
-        print(f"{name:6s} {medians[name] * 1e3:9.1f} ms {p10 * 1e3:6.1f} ms {p90 * 1e3:6.1f} ms "
-              f"{share:12.1%} {statistics.mean(r['length']):11.1f}")
+        print(
+            f"{name:6s} {medians[name] * 1e3:9.1f} ms {p10 * 1e3:6.1f} ms {p90 * 1e3:6.1f} ms "
+            f"{share:12.1%} {statistics.mean(r['length']):11.1f}"
+        )
     ratio = medians["ours"] / medians["stock"]
     print(f"ratio ours / stock: {ratio:.3f}x (goal <= {GOAL:.2f}x: {'met' if ratio <= GOAL else 'NOT met'})")
 
@@ -231,21 +278,29 @@ def throughput(opts: argparse.Namespace) -> None:
     dataset = datasets.Dataset.from_dict({"image_id": cache.ids})
     out = run_ours(opts, scorer, cache, tokenizer, dataset, prefix_length=10, size="gpt2-small")
     median = statistics.median(out["steps"])
-    print(f"device {opts.device}; CaptionRLTrainer, ClipCap (MLP mapper, 10 prefix embeddings, GPT-2 small shape: "
-          f"12 layers x 768, word vocabulary of {len(tokenizer)}), random ViT-B/32-sized CLIP judge (embed 512)")
-    print(f"batch {opts.batch} captions ({opts.batch // opts.num_generations} images x {opts.num_generations}), "
-          f"max_completion_length {opts.max_completion_length}, mean caption {out['length']:.1f} words; "
-          f"{opts.steps} steps, first {opts.warmup} dropped")
-    print(f"median step {median * 1e3:.1f} ms -> {opts.batch / median:.1f} captions/s; "
-          f"reward share of the step {sum(out['reward']) / sum(out['steps']):.1%} "
-          f"(median reward call {statistics.median(out['reward']) * 1e3:.1f} ms)")
+    print(
+        f"device {opts.device}; CaptionRLTrainer, ClipCap (MLP mapper, 10 prefix embeddings, GPT-2 small shape: "
+        f"12 layers x 768, word vocabulary of {len(tokenizer)}), random ViT-B/32-sized CLIP judge (embed 512)"
+    )
+    print(
+        f"batch {opts.batch} captions ({opts.batch // opts.num_generations} images x {opts.num_generations}), "
+        f"max_completion_length {opts.max_completion_length}, mean caption {out['length']:.1f} words; "
+        f"{opts.steps} steps, first {opts.warmup} dropped"
+    )
+    print(
+        f"median step {median * 1e3:.1f} ms -> {opts.batch / median:.1f} captions/s; "
+        f"reward share of the step {sum(out['reward']) / sum(out['steps']):.1%} "
+        f"(median reward call {statistics.median(out['reward']) * 1e3:.1f} ms)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=("compare", "throughput"), default="compare")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--batch", type=int, default=None, help="captions per step (default 16, throughput 100)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="captions per step (default 16, throughput 100)"
+    )
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--max-completion-length", type=int, default=12)
     parser.add_argument("--steps", type=int, default=None, help="steps per round (default 12, throughput 15)")
