@@ -95,7 +95,9 @@ class CaptionRLTrainer(GRPOTrainer):
         for disc in self.discriminators:
             disc.update = False
         self.baseline = make_baseline(args.baseline, args.baseline_momentum)
-        self.policy = policy or policy_for(model, self.image_cache, args.image_id_column, processing_class)
+        self.policy = policy or policy_for(
+            model, self.image_cache, args.image_id_column, processing_class, image_column=args.image_column
+        )
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None:
                 self._check_dataset(name, dataset, args, reward_funcs)
