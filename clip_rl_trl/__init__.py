@@ -5,6 +5,7 @@ from clip_rl_trl.data.shapes import ShapesWorld
 from clip_rl_trl.embeddings import ImageEmbeddingCache
 from clip_rl_trl.evaluation import evaluate_captions
 from clip_rl_trl.models import ClipCapConfig, ClipCapModel
+from clip_rl_trl.models.policies import BlipPolicy, CaptionPolicy, CausalVLMPolicy, ClipCapPolicy
 from clip_rl_trl.neighbors import similar_image_groups
 from clip_rl_trl.rewards import functional
 from clip_rl_trl.rewards.callables import (
@@ -25,10 +26,14 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BidirectionalReward",
+    "BlipPolicy",
+    "CaptionPolicy",
     "CaptionRLConfig",
     "CaptionRLTrainer",
     "CiderD",
+    "CausalVLMPolicy",
     "CiderReward",
+    "ClipCapPolicy",
     "ClipCapConfig",
     "ClipCapModel",
     "ClipSReward",

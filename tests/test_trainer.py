@@ -219,3 +219,11 @@ def test_evaluate_and_model_card(setup, tmp_path) -> None:
     reloaded = ClipCapModel.from_pretrained(str(out))
     for (name, a), b in zip(trainer.model.named_parameters(), reloaded.parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_unsupported_settings_fail_loudly(tmp_path) -> None:
+    with pytest.raises(ValueError, match="KL penalty"):
+        make_args(tmp_path, beta=0.04)
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        make_args(tmp_path, baseline="greedy", per_device_train_batch_size=6, num_generations=4,
+                  generation_batch_size=24)

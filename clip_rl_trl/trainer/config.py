@@ -34,7 +34,6 @@ class CaptionRLConfig(GRPOConfig):
             image id (a key of the image-embedding cache).
         gather_rewards_across_processes: under several processes, rewards that compare captions across the
             batch (retrieval, bidirectional) see the global batch, not each process's slice.
-        log_sample_captions: how many sampled captions per logging step go to the logs.
     """
 
     baseline: str = field(default="group", metadata={"help": f"one of {', '.join(BASELINES)}"})
@@ -52,7 +51,6 @@ class CaptionRLConfig(GRPOConfig):
     gather_rewards_across_processes: bool = field(
         default=True, metadata={"help": "rewards compare captions across the global batch"}
     )
-    log_sample_captions: int = field(default=4, metadata={"help": "sampled captions logged per step"})
 
     def __post_init__(self) -> None:
         # GRPOConfig insists on two generations per prompt, which only its group baseline needs; self-critical
@@ -85,6 +83,17 @@ class CaptionRLConfig(GRPOConfig):
             raise ValueError(f"eval_num_beams must be >= 1, got {self.eval_num_beams}")
         baseline = make_baseline(self.baseline, self.baseline_momentum)  # raises on an unknown name
         baseline.check_generations(self.num_generations)
+        if self.beta != 0.0:
+            raise ValueError(
+                f"beta={self.beta}: CaptionRLTrainer does not compute a KL penalty to a reference policy yet; "
+                "use beta=0.0 (the papers' setting) and the ground-truth term or the discriminator as regularisers"
+            )
+        if self.baseline == "greedy" and self.per_device_train_batch_size % self.num_generations:
+            raise ValueError(
+                f"baseline='greedy' decodes one greedy caption per image on each process: "
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple of "
+                f"num_generations ({self.num_generations})"
+            )
         if self.train_decoding == "greedy" and self.num_generations != 1:
             raise ValueError(
                 f"train_decoding='greedy' gives the same caption num_generations={self.num_generations} times; "

@@ -78,7 +78,9 @@ class CaptionRLTrainer(GRPOTrainer):
         if not isinstance(args, CaptionRLConfig):
             raise TypeError(f"args must be a CaptionRLConfig, got {type(args).__name__}")
         if processing_class is None:
-            raise ValueError("pass the captioner's tokenizer as processing_class")
+            raise ValueError("pass the captioner's tokenizer (or its processor) as processing_class")
+        # A processor (BLIP, LLaVA) carries the tokenizer that decodes captions and tokenizes references.
+        self.caption_tokenizer = getattr(processing_class, "tokenizer", processing_class)
         reward_funcs = list(reward_funcs) if isinstance(reward_funcs, Sequence) else [reward_funcs]
         if not reward_funcs:
             raise ValueError("CaptionRLTrainer needs at least one reward function")
@@ -105,7 +107,7 @@ class CaptionRLTrainer(GRPOTrainer):
             from transformers import GenerationConfig
 
             model.generation_config = GenerationConfig(
-                eos_token_id=processing_class.eos_token_id, pad_token_id=processing_class.pad_token_id
+                eos_token_id=self.caption_tokenizer.eos_token_id, pad_token_id=self.caption_tokenizer.pad_token_id
             )
         super().__init__(
             model=model,
@@ -127,6 +129,9 @@ class CaptionRLTrainer(GRPOTrainer):
         """Missing columns or ids absent from the cache fail here, before any training step."""
         columns = list(dataset.column_names)
         needed = {args.image_id_column: "the image id"}
+        image_column = getattr(self.policy, "image_column", None)
+        if image_column is not None:
+            needed[image_column] = f"the images {type(self.policy).__name__} reads"
         if args.gt_loss_weight > 0:
             needed[args.captions_column] = "the reference captions (gt_loss_weight > 0)"
         for func in reward_funcs:
@@ -181,7 +186,7 @@ class CaptionRLTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ generation and scoring
 
     def _decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        tokenizer = self.processing_class
+        tokenizer = self.caption_tokenizer
         return [
             tokenizer.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True).strip()
             for row, m in zip(ids, mask, strict=True)
@@ -189,7 +194,9 @@ class CaptionRLTrainer(GRPOTrainer):
 
     def _captions(self, image_inputs: dict[str, torch.Tensor], mode: str, greedy: bool = False) -> torch.Tensor:
         args = self.args
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_completion_length}
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_completion_length, **(args.generation_kwargs or {})}
+        if args.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = args.repetition_penalty
         if mode == "eval":
             kwargs.update(do_sample=False, num_beams=args.eval_num_beams)
         elif greedy or args.train_decoding == "greedy":
@@ -198,6 +205,8 @@ class CaptionRLTrainer(GRPOTrainer):
             kwargs.update(do_sample=True, temperature=self.temperature, top_k=self.top_k or 0)
             if self.top_p is not None:
                 kwargs["top_p"] = self.top_p
+            if args.min_p is not None:
+                kwargs["min_p"] = args.min_p
         unwrapped = self.accelerator.unwrap_model(self.model)
         was_training = unwrapped.training
         unwrapped.eval()
@@ -212,7 +221,7 @@ class CaptionRLTrainer(GRPOTrainer):
         device = self.accelerator.device
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        eos = self.processing_class.eos_token_id
+        eos = self.caption_tokenizer.eos_token_id
 
         image_inputs = self.policy.image_inputs(inputs, device)
         completion_ids = self._captions(image_inputs, mode).to(device)
@@ -277,7 +286,7 @@ class CaptionRLTrainer(GRPOTrainer):
         )
         b = image_baseline.repeat_interleave(num_generations)
         weights = {"advantage": gt_rewards - b, "reward": gt_rewards, "uniform": torch.ones_like(gt_rewards)}
-        gt_ids, gt_mask = tokenize_captions(gt_texts, self.processing_class)
+        gt_ids, gt_mask = tokenize_captions(gt_texts, self.caption_tokenizer)
         self._metrics["train"]["train/gt_reward"].append(gt_rewards.mean().item())
         return {
             "gt_ids": gt_ids.to(device),
@@ -427,7 +436,7 @@ class CaptionRLTrainer(GRPOTrainer):
         args = self.args
         rows = list({row[args.image_id_column]: row for row in dataset}.values())
         captions: list[str] = []
-        eos = self.processing_class.eos_token_id
+        eos = self.caption_tokenizer.eos_token_id
         batch = args.per_device_eval_batch_size
         for start in range(0, len(rows), batch):
             chunk = rows[start : start + batch]
