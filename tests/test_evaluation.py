@@ -443,8 +443,9 @@ def test_evaluate_captions_end_to_end_with_tiny_clip(scorer: ClipScorer, monkeyp
 
 
 def test_shapes_world_extras_with_the_real_world(scorer: ClipScorer) -> None:
-    shapes = pytest.importorskip("clip_rl_trl.data.shapes")
-    world = shapes.ShapesWorld(seed=0)
+    from clip_rl_trl.data.shapes import ShapesWorld
+
+    world = ShapesWorld(seed=0)
     scenes = world.scenes(3, "test")
     captions = [
         world.describe(scenes[0]),  # the full caption: every attribute, all true

@@ -145,18 +145,8 @@ def test_retrieval_logprob_single_image():
         retrieval_logprob(vecs(U, V), img, owner)
 
 
-def test_retrieval_logprob_matches_cross_entropy_on_tiny_clip():
+def test_retrieval_logprob_matches_cross_entropy_on_tiny_clip(scorer):
     """End to end on a tiny random open_clip model wrapped in ClipScorer (its float32 output passes the checks)."""
-    open_clip = pytest.importorskip("open_clip")
-    from clip_rl_trl.clip import ClipScorer
-
-    torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg=dict(image_size=32, patch_size=4, width=96, layers=3, head_width=32),
-        text_cfg=dict(context_length=24, width=64, heads=4, layers=2),
-    )
-    scorer = ClipScorer(model, open_clip.SimpleTokenizer(context_length=24), lambda x: x)
     images = scorer.encode_images(torch.rand(2, 3, 32, 32))
     txt = scorer.encode_texts(["a red circle", "a blue square", "a circle", "a square on the left"])
     owner = torch.tensor([0, 0, 1, 1])
