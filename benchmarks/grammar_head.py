@@ -9,8 +9,13 @@ corrupted copy of each. Prints the command, the settings and the figures measure
   "red" from "a red circle" can yield a grammatical caption; those are left out of this figure);
 - the accuracy per corruption kind, and on test captions never seen verbatim in training.
 
-    python benchmarks/grammar_head.py                  # about 2-5 minutes on 2 CPU cores (CLIP cached)
-    python benchmarks/grammar_head.py --n-train 500 --epochs 5
+    python benchmarks/grammar_head.py                  # about 8 minutes on 2 busy CPU cores (CLIP cached)
+
+Measured (seed 0, 1000 train / 300 test images, 80 epochs, text lr 3e-4, head lr 1e-2; 2 shared CPU cores,
+training 418 s): held-out accuracy 0.970 (grammatical 0.987, negatives 0.954; per kind: insert 0.990,
+remove 0.857, repeat 0.993, shuffle 1.000, swap 0.949), 0.986 on true negatives (3.7% of the corruptions
+parse), 0.947 on the 299 test captions never seen verbatim; text-to-image R@1 of full test captions 0.913
+before the fine-tuning, 0.840 after. With 30 epochs and text lr 1e-4 the accuracy was 0.836.
 """
 
 from __future__ import annotations
@@ -88,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=2000, help="train-split images (5 captions each)")
-    parser.add_argument("--n-test", type=int, default=500, help="held-out test-split images")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--n-train", type=int, default=1000, help="train-split images (5 captions each)")
+    parser.add_argument("--n-test", type=int, default=300, help="held-out test-split images")
+    parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-4, help="text tower")
-    parser.add_argument("--head-lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-4, help="text tower")
+    parser.add_argument("--head-lr", type=float, default=1e-2)
     parser.add_argument("--device", default=None)
     parser.add_argument("--threshold", type=float, default=0.9, help="exit 1 when accuracy is below")
     parser.add_argument("--no-progress", dest="progress", action="store_false")

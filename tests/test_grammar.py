@@ -286,7 +286,7 @@ def test_shapes_world_head_separates_held_out_captions() -> None:
     train, test = world.to_dataset(1000, "train"), world.to_dataset(200, "test")
     tuned, head = train_grammar_head(
         scorer, scorer.encode_images(train["image"]), train["captions"],
-        epochs=5, batch_size=256, lr=1e-4, head_lr=1e-3, seed=0, progress=False,
+        epochs=80, batch_size=256, lr=3e-4, head_lr=1e-2, seed=0, progress=False,
     )  # fmt: skip
     captions = [c for group in test["captions"] for c in group]
     result = evaluate_grammar_head(tuned, head, captions, seed=1)
