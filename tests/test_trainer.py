@@ -221,9 +221,26 @@ def test_evaluate_and_model_card(setup, tmp_path) -> None:
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_kl_penalty_to_the_initial_policy(setup, tmp_path, lora: bool) -> None:
+    """beta > 0: reference log-probabilities from a frozen copy of the initial policy, or the LoRA policy with its
+    adapter disabled; TRL's KL term is logged and grows from 0 as the policy moves away."""
+    from clip_rl_trl.models.clipcap import clipcap_lora_config
+
+    tokenizer = setup[3]
+    args = make_args(tmp_path, beta=0.1, max_steps=3, learning_rate=1e-2, disable_dropout=True)  # exact 0 at step 1
+    trainer = make_trainer(setup, args, peft_config=clipcap_lora_config(r=4) if lora else None)
+    assert trainer.beta == 0.1 and (trainer.ref_model is None) == lora
+    if not lora:
+        initial = make_model(tokenizer)
+        for a, b in zip(trainer.ref_model.parameters(), initial.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+    trainer.train()
+    kl = [e["kl"] for e in trainer.state.log_history if "kl" in e]
+    assert len(kl) == 3 and kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0
+
+
 def test_unsupported_settings_fail_loudly(tmp_path) -> None:
-    with pytest.raises(ValueError, match="KL penalty"):
-        make_args(tmp_path, beta=0.04)
     with pytest.raises(ValueError, match="multiple of num_generations"):
         make_args(tmp_path, baseline="greedy", per_device_train_batch_size=6, num_generations=4,
                   generation_batch_size=24)

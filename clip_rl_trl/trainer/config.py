@@ -83,11 +83,6 @@ class CaptionRLConfig(GRPOConfig):
             raise ValueError(f"eval_num_beams must be >= 1, got {self.eval_num_beams}")
         baseline = make_baseline(self.baseline, self.baseline_momentum)  # raises on an unknown name
         baseline.check_generations(self.num_generations)
-        if self.beta != 0.0:
-            raise ValueError(
-                f"beta={self.beta}: CaptionRLTrainer does not compute a KL penalty to a reference policy yet; "
-                "use beta=0.0 (the papers' setting) and the ground-truth term or the discriminator as regularisers"
-            )
         if self.baseline == "greedy" and self.per_device_train_batch_size % self.num_generations:
             raise ValueError(
                 f"baseline='greedy' decodes one greedy caption per image on each process: "

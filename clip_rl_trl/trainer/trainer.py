@@ -16,6 +16,7 @@ reward -> baseline -> loss.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -109,17 +110,32 @@ class CaptionRLTrainer(GRPOTrainer):
             model.generation_config = GenerationConfig(
                 eos_token_id=self.caption_tokenizer.eos_token_id, pad_token_id=self.caption_tokenizer.pad_token_id
             )
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-        )
+        # GRPOTrainer would load a reference model for the KL penalty by Hub name, which a captioner built from
+        # a config does not have: copy the initial policy instead (PEFT: the policy with its adapter disabled).
+        # The copy is made before GRPOTrainer patches the model's forward, which a copy would still call.
+        from peft import PeftModel
+
+        uses_peft = peft_config is not None or isinstance(model, PeftModel)
+        reference = None
+        if args.beta != 0.0 and not uses_peft:
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        beta, args.beta = args.beta, 0.0
+        try:
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                peft_config=peft_config,
+            )
+        finally:
+            args.beta = beta
+        self.beta = beta
+        self.ref_model = None if reference is None else reference.to(self.accelerator.device)
         self._loss_image_inputs: dict[str, torch.Tensor] | None = None
         self.last_eval_metrics: dict[str, Any] = {}
 
@@ -258,12 +274,25 @@ class CaptionRLTrainer(GRPOTrainer):
         if mode == "train" and (self.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps):
             with torch.no_grad():
                 output["old_per_token_logps"] = self._token_logps(self.model, image_inputs, completion_ids, mask)[0]
+        if self.beta != 0.0:
+            output["ref_per_token_logps"] = self._reference_logps(image_inputs, completion_ids, mask)
         if mode == "train" and args.gt_loss_weight > 0:
             output.update(self._ground_truth(inputs, image_baseline, num_generations, device))
         if mode == "train":
             self._update_discriminators(texts, inputs)
         self._log_step(mode, texts, inputs, rewards_per_func, rewards, advantages)
         return output
+
+    @torch.no_grad()
+    def _reference_logps(
+        self, image_inputs: Mapping[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-token log-probabilities under the reference policy (the initial one) for TRL's KL penalty."""
+        if self.ref_model is not None:
+            return self._token_logps(self.ref_model, image_inputs, ids, mask)[0]
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with unwrapped.disable_adapter():
+            return self._token_logps(self.model, image_inputs, ids, mask)[0]
 
     def _ground_truth(
         self, inputs: list[dict[str, Any]], image_baseline: torch.Tensor, num_generations: int, device: torch.device
@@ -474,7 +503,7 @@ class CaptionRLTrainer(GRPOTrainer):
             "learning_rate": args.learning_rate,
             "steps": self.state.global_step,
             "loss_type": args.loss_type,
-            "beta (KL)": args.beta,
+            "beta (KL)": self.beta,
         }
         tag_list = [tags] if isinstance(tags, str) else list(tags or [])
         text = model_card_text(
