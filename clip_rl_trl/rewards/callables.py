@@ -74,6 +74,16 @@ def _owners(ids: Sequence[Any]) -> torch.Tensor:
     return torch.tensor([first.setdefault(i, len(first)) for i in ids], dtype=torch.long)
 
 
+def _references_once(ids: Sequence[Any], refs: Sequence[Sequence[str]]) -> tuple[list[str], list[Any]]:
+    """Each distinct image's reference captions once (however many samples it has), with their image ids."""
+    texts: list[str] = []
+    text_ids: list[Any] = []
+    for image_id, image_refs in dict(zip(ids, refs, strict=True)).items():
+        texts += list(image_refs)
+        text_ids += [image_id] * len(image_refs)
+    return texts, text_ids
+
+
 def _finite(values: torch.Tensor | np.ndarray, name: str) -> list[float]:
     """Rewards as floats for TRL; a NaN or inf reward is a bug upstream, never passed on silently."""
     values = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
@@ -251,15 +261,10 @@ class BidirectionalReward(_ClipReward):
         extra_txt = extra_owner = extra_img = None
         if self.refs_column is not None:
             refs = _column(columns, self.refs_column, len(ids), self.__name__)
-            seen: dict[Any, int] = {}
-            ref_texts, ref_owner = [], []
-            for image_id, image_refs, o in zip(ids, refs, owner.tolist(), strict=True):
-                if image_id not in seen:  # each image's references once, however many samples it has
-                    seen[image_id] = o
-                    ref_texts += list(image_refs)
-                    ref_owner += [o] * len(image_refs)
+            ref_texts, ref_ids = _references_once(ids, refs)
+            owner_of = dict(zip(ids, owner.tolist(), strict=True))
             extra_txt = self.scorer.encode_texts_shared(ref_texts)
-            extra_owner = torch.tensor(ref_owner, dtype=torch.long, device=txt.device)
+            extra_owner = torch.tensor([owner_of[i] for i in ref_ids], dtype=torch.long, device=txt.device)
         if self.groups is not None:
             extra_img = self._group_emb(self.groups, ids).to(txt.device)
         return RF.bidirectional_contrastive(
@@ -315,13 +320,7 @@ class DiscriminatorReward(_ClipReward):
         self, img: torch.Tensor, txt: torch.Tensor, ids: Sequence[Any], refs: Sequence[Sequence[str]]
     ) -> dict[str, float]:
         """One discriminator step: each distinct image's references (human) against the generated captions."""
-        seen: set[Any] = set()
-        ref_texts, ref_ids = [], []
-        for image_id, image_refs in zip(ids, refs, strict=True):
-            if image_id not in seen:
-                seen.add(image_id)
-                ref_texts += list(image_refs)
-                ref_ids += [image_id] * len(image_refs)
+        ref_texts, ref_ids = _references_once(ids, refs)
         if not ref_texts:
             raise ValueError(f"reward {self.__name__!r}: the batch has no reference captions to train on")
         gt_txt = self.scorer.encode_texts_shared(ref_texts)
