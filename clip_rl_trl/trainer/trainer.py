@@ -196,6 +196,11 @@ class CaptionRLTrainer(GRPOTrainer):
             out[:, i] = values.to(out.device)
         return out
 
+    def _local(self, values: torch.Tensor, n_local: int) -> torch.Tensor:
+        """This process's rows of a global-batch tensor (processes' batches are concatenated in rank order)."""
+        start = self.accelerator.process_index * n_local
+        return values[start : start + n_local]
+
     def _weighted(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         return (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).sum(dim=1)
 
@@ -259,15 +264,12 @@ class CaptionRLTrainer(GRPOTrainer):
         if mode == "train":
             self.baseline.update(rewards)
 
-        process_slice = slice(
-            self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs)
-        )
         output: dict[str, Any] = {
             "prompt_ids": torch.zeros(len(inputs), 0, dtype=torch.long, device=device),
             "prompt_mask": torch.zeros(len(inputs), 0, dtype=torch.long, device=device),
             "completion_ids": completion_ids,
             "completion_mask": mask,
-            "advantages": advantages[process_slice],
+            "advantages": self._local(advantages, len(inputs)),
             "num_items_in_batch": self.accelerator.gather(mask.sum()).sum(),
             **image_inputs,
         }
@@ -310,9 +312,6 @@ class CaptionRLTrainer(GRPOTrainer):
                 raise ValueError(f"image {row[args.image_id_column]!r} has no reference captions")
             gt_texts.append(refs[(k % num_generations + self.state.global_step) % len(refs)])
         gt_rewards = self._weighted(self._score(gt_texts, inputs))
-        process_slice = slice(
-            self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs)
-        )
         b = image_baseline.repeat_interleave(num_generations)
         weights = {"advantage": gt_rewards - b, "reward": gt_rewards, "uniform": torch.ones_like(gt_rewards)}
         gt_ids, gt_mask = tokenize_captions(gt_texts, self.caption_tokenizer)
@@ -320,7 +319,7 @@ class CaptionRLTrainer(GRPOTrainer):
         return {
             "gt_ids": gt_ids.to(device),
             "gt_mask": gt_mask.to(device),
-            "gt_weights": weights[args.gt_weighting][process_slice].to(device),
+            "gt_weights": self._local(weights[args.gt_weighting], len(inputs)).to(device),
         }
 
     def _update_discriminators(self, texts: list[str], inputs: list[dict[str, Any]]) -> None:
