@@ -9,11 +9,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from open_clip.transform import image_transform
 from PIL import Image
 from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
@@ -69,19 +67,6 @@ class FakeWorld:
 def _fresh_skip_log():
     """Each test sees every skip reason logged afresh (they are logged once per process)."""
     evaluate_module._logged.clear()
-
-
-@pytest.fixture(scope="module")
-def scorer() -> ClipScorer:
-    torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg=dict(image_size=32, patch_size=4, width=96, layers=3, head_width=32),
-        text_cfg=dict(context_length=24, width=64, heads=4, layers=2),
-    )
-    return ClipScorer(
-        model, open_clip.SimpleTokenizer(context_length=24), image_transform(32, is_train=False)
-    )
 
 
 # ----------------------------------------------------------------------------------------------- retrieval

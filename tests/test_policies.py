@@ -5,10 +5,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import open_clip
 import pytest
 import torch
-from open_clip.transform import image_transform
+from conftest import make_tiny_scorer
 from transformers import (
     BertTokenizerFast,
     BlipConfig,
@@ -29,7 +28,6 @@ from clip_rl_trl import (
     CaptionRLTrainer,
     ClipCapConfig,
     ClipCapModel,
-    ClipScorer,
     ClipSReward,
     ImageEmbeddingCache,
     ShapesWorld,
@@ -109,14 +107,8 @@ def world() -> ShapesWorld:
 @pytest.fixture(scope="module")
 def setup(world):
     """Shapes rows with their images, a tiny random CLIP judge and its embedding cache (as in test_trainer)."""
-    torch.manual_seed(0)
     data = world.to_dataset(16, "train")
-    clip = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg=dict(image_size=32, patch_size=4, width=96, layers=3, head_width=32),
-        text_cfg=dict(context_length=24, width=64, heads=4, layers=2),
-    )
-    scorer = ClipScorer(clip, open_clip.SimpleTokenizer(context_length=24), image_transform(32, is_train=False))
+    scorer = make_tiny_scorer()
     cache = ImageEmbeddingCache.build(data, scorer, progress=False)
     return data, scorer, cache
 
