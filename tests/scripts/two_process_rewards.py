@@ -1,4 +1,4 @@
-"""Run by tests/test_multiprocess.py under `accelerate launch --cpu --num_processes 2`.
+"""Run by tests/test_multiprocess.py under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU).
 
 Trains CaptionRLTrainer two steps on two processes, recording every step's global batch (captions, image ids)
 and the rewards the trainer computed; process 0 then recomputes those rewards as one process would on the same
@@ -8,15 +8,17 @@ global batch, and as each process would on its own slice, and writes all of them
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import open_clip
 import torch
 from accelerate.utils import gather_object
-from open_clip.transform import image_transform
 from transformers import GPT2Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared tiny CLIP
+from conftest import make_tiny_scorer  # noqa: E402
 
 from clip_rl_trl import (
     BidirectionalReward,
@@ -24,7 +26,6 @@ from clip_rl_trl import (
     CaptionRLTrainer,
     ClipCapConfig,
     ClipCapModel,
-    ClipScorer,
     ImageEmbeddingCache,
     RetrievalReward,
     ShapesWorld,
@@ -35,12 +36,7 @@ def main(out_path: str, gather: bool) -> None:
     torch.manual_seed(0)
     world = ShapesWorld(seed=0)
     data = world.to_dataset(16, "train")
-    clip = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg=dict(image_size=32, patch_size=4, width=96, layers=3, head_width=32),
-        text_cfg=dict(context_length=24, width=64, heads=4, layers=2),
-    )
-    scorer = ClipScorer(clip, open_clip.SimpleTokenizer(context_length=24), image_transform(32, is_train=False))
+    scorer = make_tiny_scorer()
     cache = ImageEmbeddingCache.build(data, scorer, progress=False)
     tokenizer = world.word_tokenizer()
     gpt = GPT2Config(vocab_size=len(tokenizer), n_positions=48, n_embd=32, n_layer=2, n_head=2,
