@@ -76,6 +76,14 @@ def test_train_columns_and_restval_default(coco):
     assert row["captions"] == [f"caption {k} of image 25" for k in range(5)]  # stripped
 
 
+def test_relative_image_root_gives_absolute_paths(coco, monkeypatch):
+    json_path, root = coco
+    monkeypatch.chdir(root.parent)
+    ds = load_karpathy(json_path, "images", "val")
+    assert ds["image"] == [str(root / "val2014" / "COCO_val2014_000000000042.jpg")]
+    assert ds["file_name"] == [os.path.join("val2014", "COCO_val2014_000000000042.jpg")]
+
+
 def test_restval_switch_and_other_splits(coco):
     json_path, root = coco
     assert load_karpathy(json_path, root, "train", include_restval=False)["image_id"] == [9, 30]

@@ -66,10 +66,10 @@ def load_karpathy(
             image), so a missing folder fails now rather than hours into training.
 
     Returns:
-        A ``datasets.Dataset`` with columns ``image`` (path or decoded image), ``image_id`` (``int``: the
-        entry's ``cocoid`` when the file has one, else its ``imgid``; COCO's ``cocoid`` is the id the official
-        annotation files and the evaluation server use), ``captions`` (the ``raw`` sentences, stripped of
-        surrounding whitespace) and ``file_name`` (the image's path relative to ``image_root``).
+        A ``datasets.Dataset`` with columns ``image`` (the absolute path, or the decoded image), ``image_id``
+        (``int``: the entry's ``cocoid`` when the file has one, else its ``imgid``; COCO's ``cocoid`` is the
+        id the official annotation files and the evaluation server use), ``captions`` (the ``raw`` sentences,
+        stripped of surrounding whitespace) and ``file_name`` (the image's path relative to ``image_root``).
 
     Raises:
         FileNotFoundError: the JSON file is missing, or (with ``check_images``) image files are missing.
@@ -112,6 +112,8 @@ def load_karpathy(
     # COCO files carry `cocoid` on every entry; Flickr files have only `imgid`. Pick one key for the whole
     # file, so the ids are all of one kind.
     id_key = "cocoid" if "cocoid" in selected[0] else "imgid"
+    # Absolute paths keep working when the dataset is saved and read from another working directory.
+    root = os.path.abspath(image_root)
     rows: dict[str, list[Any]] = {"image": [], "image_id": [], "captions": [], "file_name": []}
     for position, entry in enumerate(selected):
         where = f"{json_path}: image {entry.get('filename', f'#{position} of split {split!r}')!r}"
@@ -133,7 +135,7 @@ def load_karpathy(
                 raise ValueError(f"{where} ({id_key} {image_id}): caption sentences[{j}] is empty")
             captions.append(raw.strip())
         file_name = os.path.join(entry.get("filepath", ""), entry["filename"])
-        rows["image"].append(os.path.join(image_root, file_name))
+        rows["image"].append(os.path.join(root, file_name))
         rows["image_id"].append(image_id)
         rows["captions"].append(captions)
         rows["file_name"].append(file_name)
@@ -143,7 +145,7 @@ def load_karpathy(
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of the {len(rows['image'])} images of split {split!r} are missing under "
-                f"image_root {os.fspath(image_root)!r}; the first is {missing[0]!r} (pass check_images=False "
+                f"image_root {root!r}; the first is {missing[0]!r} (pass check_images=False "
                 "to skip this check)"
             )
     text = datasets.Value("string")
@@ -170,7 +172,7 @@ def load_hub_captions(
     """A caption dataset from the Hub or a local file or folder, columns renamed to the library's convention.
 
     Args:
-        name_or_path: a Hub dataset name (``"nlphuji/flickr30k"``), a local data folder, a single local
+        name_or_path: a Hub dataset name (``"user/dataset"``), a local data folder, a single local
             ``.parquet`` / ``.json`` / ``.jsonl`` / ``.csv`` / ``.arrow`` file (read as split ``split``), or a
             folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (read with
             ``datasets.load_from_disk``; a saved single ``Dataset`` has no splits and is returned whole).
