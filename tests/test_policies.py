@@ -1,4 +1,5 @@
-"""Policy adapters on tiny real models: BLIP and a decoder-only VLM (LLaVA) generate, score and train."""
+"""Policy adapters on tiny real models: BLIP, a decoder-only VLM (LLaVA) and a text-only GPT-2 generate, score
+and train."""
 
 import os
 
@@ -16,6 +17,8 @@ from transformers import (
     BlipProcessor,
     CLIPImageProcessor,
     CLIPVisionConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -35,6 +38,7 @@ from clip_rl_trl import (
 from clip_rl_trl.models.clipcap import tokenize_captions
 from clip_rl_trl.models.policies import (
     BlipPolicy,
+    CausalLMPolicy,
     CausalVLMPolicy,
     ClipCapPolicy,
     completion_mask,
@@ -97,6 +101,14 @@ def llava_model(processor, seed: int = 0) -> LlavaForConditionalGeneration:
         vision_feature_select_strategy="default",
     )
     return LlavaForConditionalGeneration(config)
+
+
+def gpt2_lm(tokenizer, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +296,57 @@ def test_llava_errors() -> None:
         policy.image_inputs([{"image": ShapesWorld(0).to_dataset(1)[0]["image"]}], torch.device("cpu"))
 
 
+# ---------------------------------------------------------------------- text-only decoder (GPT-2)
+
+
+def test_text_lm_greedy_equals_argmax_loop_and_prompt_is_stripped(setup) -> None:
+    tok = ShapesWorld.word_tokenizer()
+    model = gpt2_lm(tok).eval()
+    policy = CausalLMPolicy(tok, prompt="a red")
+    inputs = policy.image_inputs(rows(setup[0]), torch.device("cpu"))
+    assert set(inputs) == set(policy.input_keys) == {"lm_prompt_ids", "lm_prompt_mask"}
+    # tokenized as TRL tokenizes a plain-text prompt
+    assert inputs["lm_prompt_ids"].tolist() == [tok("a red")["input_ids"]] * 3
+    with torch.no_grad():
+        out = policy.generate(model, inputs, max_new_tokens=6, do_sample=False, num_beams=1)
+    assert out.shape[0] == 3 and out.shape[1] <= 6
+    expected = argmax_loop(policy, model, inputs, out.shape[1])
+    mask = completion_mask(out, tok.eos_token_id)
+    assert torch.equal(out * mask, expected * mask)
+
+
+def test_text_lm_logits_are_one_forward_over_prompt_and_caption(setup) -> None:
+    tok = ShapesWorld.word_tokenizer()
+    model = gpt2_lm(tok).eval()
+    policy = CausalLMPolicy(tok, prompt="a")
+    inputs = policy.image_inputs(rows(setup[0], 2), torch.device("cpu"))
+    ids, mask = tokenize_captions(["red circle", "small blue square at the top"], tok)
+    with torch.no_grad():
+        got = policy.logits(model, inputs, ids, mask)
+        ref = model(input_ids=torch.cat([inputs["lm_prompt_ids"], ids], 1),
+                    attention_mask=torch.cat([torch.ones(2, 1, dtype=torch.long), mask], 1)).logits
+    torch.testing.assert_close(got, ref[:, : ids.shape[1]], atol=1e-5, rtol=0)
+
+
+def test_text_lm_errors() -> None:
+    tok = ShapesWorld.word_tokenizer()
+    with pytest.raises(ValueError, match="tokenizes to nothing"):
+        CausalLMPolicy(tok, prompt="")
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="no eos_token"):
+        CausalLMPolicy(tok, prompt="a")
+
+
+def test_text_lm_trains_in_caption_rl_trainer(setup, tmp_path) -> None:
+    data, scorer, cache = setup
+    tok = ShapesWorld.word_tokenizer()
+    trainer = CaptionRLTrainer(
+        model=gpt2_lm(tok), reward_funcs=[BidirectionalReward(scorer, cache)], args=make_args(tmp_path),
+        train_dataset=data.remove_columns("image"), processing_class=tok, policy=CausalLMPolicy(tok, prompt="a"),
+    )
+    _train(trainer)
+
+
 # ---------------------------------------------------------------------- adapter choice
 
 
@@ -308,6 +371,9 @@ def test_policy_for_picks_the_family(setup) -> None:
     assert isinstance(policy_for(clipcap, cache, "image_id", tok), ClipCapPolicy)
     with pytest.raises(TypeError, match="no policy adapter for Linear"):
         policy_for(torch.nn.Linear(2, 2), cache, "image_id", tok)
+    # a text-only decoder cannot see the image: only an explicit CausalLMPolicy drives one
+    with pytest.raises(TypeError, match=r"no policy adapter for GPT2LMHeadModel.*CausalLMPolicy"):
+        policy_for(gpt2_lm(ShapesWorld.word_tokenizer()), cache, "image_id", ShapesWorld.word_tokenizer())
 
 
 # ---------------------------------------------------------------------- inside CaptionRLTrainer

@@ -7,8 +7,9 @@ unwrapped model.
 
 Families: :class:`ClipCapPolicy` (cached CLIP embeddings), :class:`BlipPolicy` (``BlipForConditionalGeneration``,
 pixels through its own vision tower), :class:`CausalVLMPolicy` (decoder-only VLMs such as LLaVA: a processor
-expands an image placeholder in a text prompt, captions continue the prompt). Caption ids are always "caption
-tokens + EOS", no BOS and no prompt: each adapter adds what its model needs in front, internally.
+expands an image placeholder in a text prompt, captions continue the prompt), and :class:`CausalLMPolicy` (a
+text-only decoder continuing a fixed prompt, blind to the image: for comparisons with stock TRL). Caption ids are
+always "caption tokens + EOS", no BOS and no prompt: each adapter adds what its model needs in front, internally.
 """
 
 from __future__ import annotations
@@ -228,6 +229,86 @@ class BlipPolicy(CaptionPolicy):
         return out.logits[:, :-1]
 
 
+def _continue_prompt(
+    model: nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor, **kwargs: Any
+) -> torch.Tensor:
+    """A decoder-only model's ``generate`` after a (left-padded) prompt; the prompt is cut from the ids."""
+    out = model.generate(input_ids=prompt, attention_mask=prompt_mask, **kwargs)
+    return out[:, prompt.shape[1] :]
+
+
+def _prompt_caption_logits(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    **model_inputs: Any,
+) -> torch.Tensor:
+    """One forward over prompt + caption; the prompt's last position predicts the caption's first token."""
+    out = model(
+        input_ids=torch.cat([prompt, ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
+        logits_to_keep=ids.shape[1] + 1,
+        **model_inputs,
+    )
+    return out.logits[:, :-1]
+
+
+class CausalLMPolicy(CaptionPolicy):
+    """A text-only decoder (``GPT2LMHeadModel`` and kin) that continues one fixed text prompt: it sees no image.
+
+    Its captions cannot depend on the image; it exists so that ``CaptionRLTrainer`` can drive exactly the model
+    a stock ``trl.GRPOTrainer`` drives (``benchmarks/trainer_step.py`` compares the two trainers' step times),
+    and as an image-blind control. The prompt is tokenized as TRL tokenizes a plain-text prompt (the
+    tokenizer's special tokens included); the model must read ``logits_to_keep`` as transformers' causal LMs do.
+
+    Args:
+        tokenizer: the model's tokenizer (the trainer's ``processing_class``); its ``eos_token`` ends captions.
+        prompt: the text in front of every caption (at least one token: a decoder needs a first position).
+    """
+
+    input_keys = ("lm_prompt_ids", "lm_prompt_mask")
+
+    def __init__(self, tokenizer: Any, prompt: str) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token; captions must end with one")
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        if not prompt_ids:
+            raise ValueError(f"prompt {prompt!r} tokenizes to nothing; the caption needs a position to start from")
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.long)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def image_inputs(
+        self, rows: Sequence[Mapping[str, Any]], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        ids = self.prompt_ids.to(device).repeat(len(rows), 1)
+        return {"lm_prompt_ids": ids, "lm_prompt_mask": torch.ones_like(ids)}
+
+    def generate(
+        self, model: nn.Module, image_inputs: Mapping[str, torch.Tensor], **kwargs: Any
+    ) -> torch.Tensor:
+        return _continue_prompt(
+            model,
+            image_inputs["lm_prompt_ids"],
+            image_inputs["lm_prompt_mask"],
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            **kwargs,
+        )
+
+    def logits(
+        self,
+        model: nn.Module,
+        image_inputs: Mapping[str, torch.Tensor],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        return _prompt_caption_logits(model, image_inputs["lm_prompt_ids"], image_inputs["lm_prompt_mask"], ids, mask)
+
+
 class CausalVLMPolicy(CaptionPolicy):
     """A decoder-only vision-language model (LLaVA and kin): ``processor(images, prompt)`` -> prompt ids with the
     image placeholder expanded + pixel tensors; captions continue the prompt (TRL's own VLM path, per caption).
@@ -293,10 +374,10 @@ class CausalVLMPolicy(CaptionPolicy):
     def generate(
         self, model: nn.Module, image_inputs: Mapping[str, torch.Tensor], **kwargs: Any
     ) -> torch.Tensor:
-        prompt = image_inputs["vlm_prompt_ids"]
-        out = model.generate(
-            input_ids=prompt,
-            attention_mask=image_inputs["vlm_prompt_mask"],
+        return _continue_prompt(
+            model,
+            image_inputs["vlm_prompt_ids"],
+            image_inputs["vlm_prompt_mask"],
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.pad_token_id,
             # A sampled image token would have no image features to stand for (TRL suppresses it too).
@@ -304,7 +385,6 @@ class CausalVLMPolicy(CaptionPolicy):
             **self._images(image_inputs),
             **kwargs,
         )
-        return out[:, prompt.shape[1] :]
 
     def logits(
         self,
@@ -313,14 +393,10 @@ class CausalVLMPolicy(CaptionPolicy):
         ids: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        prompt, prompt_mask = image_inputs["vlm_prompt_ids"], image_inputs["vlm_prompt_mask"]
-        out = model(
-            input_ids=torch.cat([prompt, ids], dim=1),
-            attention_mask=torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
-            logits_to_keep=ids.shape[1] + 1,
+        return _prompt_caption_logits(
+            model, image_inputs["vlm_prompt_ids"], image_inputs["vlm_prompt_mask"], ids, mask,
             **self._images(image_inputs),
         )
-        return out.logits[:, :-1]
 
 
 def _is_causal_vlm(model: nn.Module) -> bool:
@@ -368,6 +444,7 @@ def policy_for(
         return CausalVLMPolicy(tokenizer, image_column=image_column)
     raise TypeError(
         f"CaptionRLTrainer has no policy adapter for {type(base).__name__}; supported: ClipCapModel, "
-        "BlipForConditionalGeneration, decoder-only VLMs (LLaVA and kin) "
+        "BlipForConditionalGeneration, decoder-only VLMs (LLaVA and kin); a text-only decoder, which cannot see "
+        "the image, only explicitly: policy=CausalLMPolicy(tokenizer, prompt) "
         "(pass policy= with a CaptionPolicy subclass for another captioner)"
     )
