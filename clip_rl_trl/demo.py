@@ -210,22 +210,39 @@ def evaluate_test(
     return metrics, captions
 
 
-def fine_tune(prepared: Prepared, config: DemoConfig, output_dir: Path, progress: bool = True) -> Any:
-    """Chaffin et al.'s recipe on a copy of the MLE captioner; returns the trainer (its model is the result)."""
-    from transformers import TrainerCallback
-
+def chaffin_rewards(prepared: Prepared, config: DemoConfig) -> list[tuple[Any, float]]:
+    """Chaffin et al. 2024's rewards: bidirectional contrastive + the online discriminator, with their weights."""
     from clip_rl_trl.rewards.callables import BidirectionalReward, DiscriminatorReward
     from clip_rl_trl.rewards.discriminator import Discriminator
-    from clip_rl_trl.trainer.config import CaptionRLConfig
-    from clip_rl_trl.trainer.trainer import CaptionRLTrainer
 
     scorer, cache = prepared.scorer, prepared.cache
     discriminator = Discriminator(scorer.embed_dim, lr=config.discriminator_lr, seed=config.seed)
-    rewards = [
-        BidirectionalReward(scorer, cache),
-        DiscriminatorReward(discriminator, scorer, cache, update=False),
+    return [
+        (BidirectionalReward(scorer, cache), config.bidirectional_weight),
+        (DiscriminatorReward(discriminator, scorer, cache, update=False), config.discriminator_weight),
     ]
-    args = CaptionRLConfig(
+
+
+def fine_tune(
+    prepared: Prepared,
+    config: DemoConfig,
+    output_dir: Path,
+    progress: bool = True,
+    rewards: Sequence[tuple[Any, float]] | None = None,
+    **overrides: Any,
+) -> Any:
+    """RL on a copy of the MLE captioner; returns the trainer (its model is the result).
+
+    ``rewards`` are ``(reward function, weight)`` pairs, Chaffin et al.'s by default; ``overrides`` are extra
+    ``CaptionRLConfig`` fields (``train_decoding="greedy"``, ...), for the ablation's other recipes.
+    """
+    from transformers import TrainerCallback
+
+    from clip_rl_trl.trainer.config import CaptionRLConfig
+    from clip_rl_trl.trainer.trainer import CaptionRLTrainer
+
+    pairs = list(rewards) if rewards is not None else chaffin_rewards(prepared, config)
+    settings: dict[str, Any] = dict(
         output_dir=str(output_dir),
         baseline=config.baseline,
         gt_loss_weight=config.gt_loss_weight,
@@ -238,7 +255,7 @@ def fine_tune(prepared: Prepared, config: DemoConfig, output_dir: Path, progress
         lr_scheduler_type="constant",
         temperature=config.temperature,
         beta=config.beta,
-        reward_weights=[config.bidirectional_weight, config.discriminator_weight],
+        reward_weights=[weight for _, weight in pairs],
         logging_steps=1,
         report_to=[],
         save_strategy="no",
@@ -247,9 +264,10 @@ def fine_tune(prepared: Prepared, config: DemoConfig, output_dir: Path, progress
         seed=config.seed,
         disable_tqdm=not progress,
     )
+    args = CaptionRLConfig(**{**settings, **overrides})
     trainer = CaptionRLTrainer(
         model=copy.deepcopy(prepared.captioner),
-        reward_funcs=rewards,
+        reward_funcs=[func for func, _ in pairs],
         args=args,
         train_dataset=prepared.train,
         processing_class=prepared.tokenizer,
