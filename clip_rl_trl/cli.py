@@ -1,4 +1,6 @@
-"""The ``clip-rl-trl`` command: build image-embedding caches and similar-image groups.
+"""The ``clip-rl-trl`` command: the offline demo, image-embedding caches and similar-image groups.
+
+    clip-rl-trl demo [--output-dir DIR] [--quick]
 
     clip-rl-trl embed --dataset DATASET --output cache.safetensors [--clip ViT-B-32 --pretrained openai]
     clip-rl-trl neighbors --cache cache.safetensors --output groups.safetensors [-k 5 --exclude-above 0.8]
@@ -95,10 +97,28 @@ def cmd_neighbors(args: argparse.Namespace) -> None:
     print(f"wrote {tuple(groups.shape)} similar-image groups (rows of {args.cache}) to {args.output}")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from clip_rl_trl.demo import run_demo
+
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        raise CliError(f"--output-dir {output}: exists and is not a folder")
+    run_demo(output, quick=args.quick)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-rl-trl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="offline end-to-end demo on the shapes world (CPU, minutes)",
+        description="Train the shapes world's tiny CLIP and an MLE ClipCap (cached), fine-tune with Chaffin et "
+        "al.'s recipe, evaluate before and after, write report.json, captions.jsonl, report.md and plots.",
+    )
+    demo.add_argument("--output-dir", default="demo_output", help="folder for the report (default demo_output)")
+    demo.add_argument("--quick", action="store_true", help="fewer scenes and steps: a first look, as CI runs it")
+    demo.set_defaults(func=cmd_demo)
 
     embed = sub.add_parser("embed", help="build an ImageEmbeddingCache from a dataset")
     embed.add_argument("--dataset", required=True, help="save_to_disk folder, Hub dataset name, or 'shapes'")
