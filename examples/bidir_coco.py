@@ -1,18 +1,18 @@
 """Chaffin et al. 2024, "Distinctive Image Captioning: Leveraging Ground Truth Captions in CLIP Guided
 Reinforcement Learning" (WACV), the full method:
 
-- reward ``0.94 * r_bidirectional + 0.06 * P_disc(human | image, caption)``: the decoupled contrastive reward in
-  both retrieval directions (each caption against the batch's other images, each image against the batch's
+- reward ``0.94 * r_bidirectional + 0.06 * P_disc(human | image, caption)``: the decoupled contrastive reward
+  in both retrieval directions (each caption against the batch's other images, each image against the batch's
   other captions; temperature 0.01), regularised by an MLP discriminator on CLIP embeddings trained online to
   tell references from generated captions (docs/rewards/bidirectional.md, docs/rewards/discriminator.md);
-- the RL term on ground-truth captions, ``-(r(gt) - b) * mean_t log p(gt_t | image, gt_<t)``, added with weight
-  ``gt_loss_weight`` (docs/trainer.md).
+- the RL term on ground-truth captions, ``-(r(gt) - b) * mean_t log p(gt_t | image, gt_<t)``, added with
+  weight ``gt_loss_weight`` (docs/trainer.md).
 
 The recipe (data, CLIP judge, captioner, rewards, CaptionRLConfig) is examples/configs/bidir_coco.yaml.
 
     accelerate launch --config_file examples/accelerate_configs/single_gpu.yaml \\
         examples/bidir_coco.py --config examples/configs/bidir_coco.yaml [--output-dir DIR] [--set KEY=VALUE]
-    python examples/bidir_coco.py --config examples/configs/bidir_coco.yaml --toy    # shapes world, CPU, minutes
+    python examples/bidir_coco.py --config examples/configs/bidir_coco.yaml --toy  # shapes world, CPU
 
 Writes the fine-tuned captioner, its model card (README.md), report.json / report.md (before and after),
 captions.jsonl and training.png into the output folder (default outputs/bidir_coco[-toy]).
