@@ -299,7 +299,7 @@ def run_demo(
 
     Returns ``{"before": metrics, "after": metrics, "seconds": ..., "files": {...}}``.
     """
-    from clip_rl_trl.evaluation.report import format_table, write_report
+    from clip_rl_trl.evaluation.report import DEMO_COLUMNS, format_table, write_report
 
     config = config or DemoConfig()
     if quick:
@@ -330,7 +330,7 @@ def run_demo(
                "prepare_seconds": round(prepared_s, 1)},
     )
     if progress:
-        print(format_table({"before": before, "after": after}, style="plain"))
+        print(format_table({"before": before, "after": after}, DEMO_COLUMNS, style="plain"))
         print(f"report written to {output_dir} in {seconds:.0f} s")
     return {"before": before, "after": after, "seconds": seconds, "files": files}
 
