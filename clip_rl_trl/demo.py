@@ -273,6 +273,8 @@ def fine_tune(
         args=args,
         train_dataset=prepared.train,
         processing_class=prepared.tokenizer,
+        image_cache=prepared.cache,  # rewards without CLIP (CIDEr-D alone) still need the captioner's inputs
+        scorer=prepared.scorer,
     )
 
     class _TestCurve(TrainerCallback):
