@@ -1,21 +1,28 @@
-"""The ``clip-rl-trl`` command: the offline demo, image-embedding caches and similar-image groups.
+"""The ``clip-rl-trl`` command: the offline demo, training from a recipe, evaluation, the Hub, and the caches.
 
     clip-rl-trl demo [--output-dir DIR] [--quick]
+
+    clip-rl-trl train --config recipe.yaml [--toy] [--output-dir DIR] [--set KEY=VALUE ...]
+    clip-rl-trl eval --captions captions.jsonl --dataset DATASET [--column caption] [--clip ViT-B-32 ...]
+    clip-rl-trl eval --model DIR --config recipe.yaml [--toy] [--set KEY=VALUE ...]
+    clip-rl-trl push --model DIR --repo-id user/name [--private]
 
     clip-rl-trl embed --dataset DATASET --output cache.safetensors [--clip ViT-B-32 --pretrained openai]
     clip-rl-trl neighbors --cache cache.safetensors --output groups.safetensors [-k 5 --exclude-above 0.8]
 
-``DATASET`` is a folder written by ``datasets.Dataset.save_to_disk``, a Hub dataset name (``--split``), or
-``shapes`` for the synthetic shapes world (``--shapes-n``, ``--split``; embedded with the world's tiny CLIP
-unless ``--clip`` is given).
+``DATASET`` is a folder written by ``datasets.Dataset.save_to_disk``, a Hub dataset name (``--split``), a
+Karpathy-split JSON file (``dataset_coco.json`` with ``--image-root``), or ``shapes`` for the synthetic shapes
+world (``--shapes-n``, ``--split``; embedded with the world's tiny CLIP unless ``--clip`` is given).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -25,12 +32,24 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def _load_dataset(name: str, split: str, shapes_n: int):
+def _load_dataset(name: str, split: str, shapes_n: int, image_root: str | None = None):
     if name == "shapes":
         from clip_rl_trl.data.shapes import ShapesWorld
 
         return ShapesWorld(seed=0).to_dataset(shapes_n, split)
     import datasets
+
+    if name.endswith(".json") and Path(name).is_file():
+        from clip_rl_trl.data.coco import load_karpathy
+
+        if image_root is None:
+            raise CliError(
+                f"--dataset {name}: a Karpathy-split JSON file needs --image-root (the image folder)"
+            )
+        try:
+            return load_karpathy(name, image_root, split)
+        except (FileNotFoundError, ValueError) as err:
+            raise CliError(f"--dataset {name}: {err}") from err
 
     if Path(name).exists():
         try:
@@ -44,7 +63,9 @@ def _load_dataset(name: str, split: str, shapes_n: int):
         return loaded
     try:
         return datasets.load_dataset(name, split=split)
-    except Exception as err:  # the Hub's errors vary (offline, missing repo, bad split): report them in one line
+    except (
+        Exception
+    ) as err:  # the Hub's errors vary (offline, missing repo, bad split): report them in one line
         raise CliError(f"--dataset {name}: cannot load it ({type(err).__name__}: {err})") from err
 
 
@@ -53,7 +74,9 @@ def _scorer(args: argparse.Namespace):
 
     if args.clip is None:
         if args.dataset != "shapes":
-            raise CliError("--clip is required (e.g. --clip ViT-B-32 --pretrained openai) unless --dataset shapes")
+            raise CliError(
+                "--clip is required (e.g. --clip ViT-B-32 --pretrained openai) unless --dataset shapes"
+            )
         from clip_rl_trl.data.shapes import ShapesWorld
 
         scorer = ShapesWorld(seed=0).train_clip()
@@ -70,7 +93,7 @@ def _scorer(args: argparse.Namespace):
 def cmd_embed(args: argparse.Namespace) -> None:
     from clip_rl_trl.embeddings import ImageEmbeddingCache
 
-    dataset = _load_dataset(args.dataset, args.split, args.shapes_n)
+    dataset = _load_dataset(args.dataset, args.split, args.shapes_n, args.image_root)
     scorer = _scorer(args)
     dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
     try:
@@ -106,23 +129,268 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(output, quick=args.quick)
 
 
+def _output_folder(flag: str, value: str) -> Path:
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"{flag} {value}: exists and is not a folder")
+    return path
+
+
+def _recipe(args: argparse.Namespace) -> dict[str, Any]:
+    from clip_rl_trl.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(args.config, args.set, toy=args.toy)
+    except RecipeError as err:
+        raise CliError(f"--config {args.config}: {err}") from err
+
+
+def _metric_table(metrics: dict[str, Any]) -> str:
+    """One row per metric: the suite has too many metrics for one terminal-wide row."""
+    from clip_rl_trl.evaluation.report import format_table
+
+    rows = {
+        k: {"value": v} for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    return format_table(rows, ["value"], floatfmt=".4f", style="plain")
+
+
+def _write_metrics(metrics: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    print(_metric_table(metrics))
+    for key, reason in metrics.get("skipped", {}).items():
+        print(f"not measured: {key}: {reason}")
+    print(f"metrics written to {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from clip_rl_trl.recipe import RecipeError, default_output_dir, run
+
+    recipe = _recipe(args)
+    output = _output_folder("--output-dir", args.output_dir or default_output_dir(args.config, args.toy))
+    try:
+        run(recipe, output)
+    except RecipeError as err:
+        raise CliError(f"--config {args.config}: {err}") from err
+
+
+def _read_captions(path: str, column: str) -> dict[str, tuple[Any, str]]:
+    """``str(image_id) -> (image_id, caption)`` from JSON lines, a JSON list or an ``{id: caption}`` map."""
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"--captions {path}: no such file")
+    text = file.read_text("utf-8")
+    try:
+        if file.suffix == ".jsonl":
+            records = [
+                (f"line {n}", json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()
+            ]
+        elif file.suffix == ".json":
+            data = json.loads(text)
+            if isinstance(data, dict):
+                data = [{"image_id": k, column: v} for k, v in data.items()]
+            if not isinstance(data, list):
+                raise CliError(
+                    f"--captions {path}: expected a list of {{image_id, {column}}} records or an id: caption "
+                    "map"
+                )
+            records = [(f"record {n}", r) for n, r in enumerate(data)]
+        else:
+            raise CliError(f"--captions {path}: expected a .jsonl or .json file")
+    except json.JSONDecodeError as err:
+        raise CliError(f"--captions {path}: not valid JSON ({err})") from err
+    captions: dict[str, tuple[Any, str]] = {}
+    for where, record in records:
+        if not isinstance(record, dict) or "image_id" not in record or column not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise CliError(
+                f"--captions {path} {where}: needs 'image_id' and '{column}' (--column), has {keys}"
+            )
+        if not isinstance(record[column], str):
+            raise CliError(f"--captions {path} {where}: '{column}' is not a string")
+        key = str(record["image_id"])
+        if key in captions:
+            raise CliError(f"--captions {path} {where}: image_id {record['image_id']!r} appears twice")
+        captions[key] = (record["image_id"], record[column])
+    if not captions:
+        raise CliError(f"--captions {path}: no captions")
+    return captions
+
+
+def _shapes_size(ids: Sequence[Any], split: str) -> int:
+    """How many scenes of ``split`` cover the shapes-world ids (``"test-000123"``)."""
+    indices = []
+    for image_id in ids:
+        prefix, _, number = str(image_id).rpartition("-")
+        if prefix != split or not number.isdigit():
+            raise CliError(
+                f"--captions: image_id {image_id!r} is not a scene of the shapes world's split {split!r}"
+            )
+        indices.append(int(number))
+    return max(indices) + 1
+
+
+def _evaluate_file(args: argparse.Namespace) -> None:
+    from clip_rl_trl.embeddings import ImageEmbeddingCache
+    from clip_rl_trl.evaluation.evaluate import evaluate_captions
+    from clip_rl_trl.neighbors import similar_image_groups
+
+    captions = _read_captions(args.captions, args.column)
+    shapes = args.dataset == "shapes"
+    n = args.shapes_n or (_shapes_size([i for i, _ in captions.values()], args.split) if shapes else 0)
+    dataset = _load_dataset(args.dataset, args.split, n, args.image_root)
+    if args.id_column not in dataset.column_names:
+        raise CliError(f"--id-column {args.id_column}: the dataset has columns {dataset.column_names}")
+    position = {str(i): row for row, i in enumerate(dataset[args.id_column])}
+    missing = [image_id for key, (image_id, _) in captions.items() if key not in position]
+    if missing:
+        raise CliError(
+            f"--captions {args.captions}: {len(missing)} image id(s) are not in --dataset {args.dataset} "
+            f"(split {args.split}), e.g. {missing[:3]}"
+        )
+    rows = dataset.select([position[key] for key in captions])
+    ids = rows[args.id_column]
+    scorer = _scorer(args)
+    if args.cache is not None:
+        if not Path(args.cache).is_file():
+            raise CliError(f"--cache {args.cache}: no such file")
+        cache = ImageEmbeddingCache.load(args.cache)
+    else:
+        if args.image_column not in rows.column_names:
+            raise CliError(f"--image-column {args.image_column}: the dataset has columns {rows.column_names}")
+        cache = ImageEmbeddingCache.build(rows, scorer, args.image_column, args.id_column)
+    try:
+        image_emb = cache[ids].float()
+    except KeyError as err:
+        raise CliError(f"--cache {args.cache}: {err.args[0]}") from err
+    refs = rows[args.refs_column] if args.refs_column in rows.column_names else None
+    groups = similar_image_groups(image_emb, k=args.k) if len(ids) > args.k else None
+    world = scenes = None
+    if shapes:
+        from clip_rl_trl.data.shapes import ShapesWorld
+
+        world, scenes = ShapesWorld(seed=0), rows["scene"]
+    try:
+        metrics = evaluate_captions(
+            [caption for _, caption in captions.values()],
+            image_emb,
+            scorer,
+            refs=refs,
+            groups=groups,
+            world=world,
+            scenes=scenes,
+            coco_metrics=not args.no_coco_metrics,
+        )
+    except ValueError as err:
+        raise CliError(f"--captions {args.captions}: {err}") from err
+    output = Path(args.output) if args.output else Path(args.captions).with_suffix(".metrics.json")
+    _write_metrics(metrics, output)
+
+
+def _evaluate_model(args: argparse.Namespace) -> None:
+    from clip_rl_trl.recipe import RecipeError, evaluate_saved
+
+    if args.no_coco_metrics:
+        args.set = [*args.set, "training.eval_coco_metrics=false"]
+    recipe = _recipe(args)
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise CliError(f"--model {args.model}: no such folder")
+    try:
+        metrics, captions, ids = evaluate_saved(recipe, model_dir, model_dir)
+    except RecipeError as err:
+        raise CliError(f"--config {args.config}: {err}") from err
+    output = Path(args.output) if args.output else model_dir / "eval_metrics.json"
+    lines = [
+        json.dumps({"image_id": i, "caption": c}, ensure_ascii=False)
+        for i, c in zip(ids, captions, strict=True)
+    ]
+    output.with_suffix(".captions.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
+    _write_metrics(metrics, output)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    if args.model is not None:
+        if args.config is None:
+            raise CliError("--model needs --config (the recipe that names the data and the judge)")
+        _evaluate_model(args)
+    else:
+        if args.dataset is None:
+            raise CliError("--captions needs --dataset (the images and references the captions describe)")
+        _evaluate_file(args)
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    folder = Path(args.model)
+    if not folder.is_dir():
+        raise CliError(f"--model {args.model}: no such folder")
+    if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise CliError(
+            f"--model {args.model}: no saved model in it (config.json or adapter_config.json); pass the "
+            "output folder of 'clip-rl-trl train'"
+        )
+    if not (folder / "README.md").is_file():
+        raise CliError(
+            f"--model {args.model}: no README.md model card (CaptionRLTrainer.create_model_card writes it)"
+        )
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as err:
+        raise CliError(f"--repo-id {args.repo_id}: {err}") from err
+    if constants.HF_HUB_OFFLINE:
+        raise CliError(
+            "cannot push while HF_HUB_OFFLINE=1 is set: pushing needs the network (unset it, log in)"
+        )
+    api = HfApi()
+    try:
+        url = api.create_repo(args.repo_id, private=args.private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=args.repo_id,
+            folder_path=folder,
+            commit_message=args.commit_message,
+            ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "image_embeddings.safetensors"],
+        )
+    except (
+        Exception
+    ) as err:  # network, authentication, permission: the Hub's errors vary, report them in one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CliError(f"--repo-id {args.repo_id}: push failed ({type(err).__name__}: {reason})") from err
+    print(f"pushed {folder} to {url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clip-rl-trl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="clip-rl-trl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="offline end-to-end demo on the shapes world (CPU, minutes)",
-        description="Train the shapes world's tiny CLIP and an MLE ClipCap (cached), fine-tune with Chaffin et "
-        "al.'s recipe, evaluate before and after, write report.json, captions.jsonl, report.md and plots.",
+        "demo",
+        help="offline end-to-end demo on the shapes world (CPU, minutes)",
+        description="Train the shapes world's tiny CLIP and an MLE ClipCap (cached), fine-tune with "
+        "Chaffin et al.'s recipe, evaluate before and after, write report.json, captions.jsonl, report.md "
+        "and plots.",
     )
-    demo.add_argument("--output-dir", default="demo_output", help="folder for the report (default demo_output)")
-    demo.add_argument("--quick", action="store_true", help="fewer scenes and steps: a first look, as CI runs it")
+    demo.add_argument(
+        "--output-dir", default="demo_output", help="folder for the report (default demo_output)"
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="fewer scenes and steps: a first look, as CI runs it"
+    )
     demo.set_defaults(func=cmd_demo)
 
     embed = sub.add_parser("embed", help="build an ImageEmbeddingCache from a dataset")
-    embed.add_argument("--dataset", required=True, help="save_to_disk folder, Hub dataset name, or 'shapes'")
+    embed.add_argument(
+        "--dataset",
+        required=True,
+        help="save_to_disk folder, Hub dataset name, Karpathy JSON file, or 'shapes'",
+    )
     embed.add_argument("--split", default="train")
+    embed.add_argument("--image-root", default=None, help="image folder of a Karpathy JSON --dataset")
     embed.add_argument("--shapes-n", type=int, default=1000, help="number of scenes with --dataset shapes")
     embed.add_argument("--image-column", default="image")
     embed.add_argument("--id-column", default="image_id")
@@ -137,10 +405,118 @@ def build_parser() -> argparse.ArgumentParser:
     neighbors = sub.add_parser("neighbors", help="similar-image groups from an embedding cache")
     neighbors.add_argument("--cache", required=True, help="a cache written by 'clip-rl-trl embed'")
     neighbors.add_argument("-k", type=int, default=5, help="group size (Zhang et al.: 5)")
-    neighbors.add_argument("--exclude-above", type=float, default=None, help="drop near-duplicates above this cosine")
+    neighbors.add_argument(
+        "--exclude-above", type=float, default=None, help="drop near-duplicates above this cosine"
+    )
     neighbors.add_argument("--output", required=True, help="file to write (.safetensors, tensor 'groups')")
     neighbors.set_defaults(func=cmd_neighbors)
+
+    _add_train(sub)
+    _add_eval(sub)
+    _add_push(sub)
     return parser
+
+
+def _add_recipe_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument(
+        "--config", required=required, help="a recipe (YAML), e.g. examples/configs/bidir_coco.yaml"
+    )
+    parser.add_argument(
+        "--toy", action="store_true", help="the recipe on the shapes world: offline, CPU, minutes"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set training.learning_rate=1e-5 (repeatable)",
+    )
+
+
+def _add_train(sub: Any) -> None:
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a captioner from a YAML recipe",
+        description="Train the recipe's captioner with its rewards and CaptionRLConfig settings; evaluate "
+        "before and after; write the model, its model card (README.md), report.json, report.md, "
+        "captions.jsonl and training.png into the output folder. Recipes: docs/examples.md.",
+    )
+    _add_recipe_flags(train, required=True)
+    train.add_argument("--output-dir", default=None, help="default: outputs/<recipe name>[-toy]")
+    train.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub: Any) -> None:
+    evaluate = sub.add_parser(
+        "eval",
+        help="every metric of a captions file, or of a saved model on a recipe's evaluation split",
+        description="Score captions with evaluate_captions (retrieval R@K and P@1/100, GEG, CLIP-S, "
+        "RefCLIP-S, BLEU/METEOR/ROUGE-L/CIDEr/SPICE, diversity; grammar and attributes in the shapes "
+        "world). Either --captions FILE --dataset DATASET, or --model DIR --config RECIPE.",
+    )
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--captions", help="JSON lines with image_id and a caption column, or a JSON list / map"
+    )
+    source.add_argument("--model", help="a model folder written by 'clip-rl-trl train' (with --config)")
+    evaluate.add_argument(
+        "--column",
+        default="caption",
+        help="the caption field of --captions (the demo's captions.jsonl: before or after)",
+    )
+    evaluate.add_argument(
+        "--dataset",
+        default=None,
+        help="save_to_disk folder, Hub dataset name, Karpathy JSON file, or 'shapes'",
+    )
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--image-root", default=None, help="image folder of a Karpathy JSON --dataset")
+    evaluate.add_argument(
+        "--shapes-n",
+        type=int,
+        default=None,
+        help="scenes of --dataset shapes (default: enough for the captions' ids)",
+    )
+    evaluate.add_argument("--image-column", default="image")
+    evaluate.add_argument("--id-column", default="image_id")
+    evaluate.add_argument(
+        "--refs-column", default="captions", help="reference captions (absent: no NLG metrics)"
+    )
+    evaluate.add_argument(
+        "--clip", default=None, help="open_clip architecture of the judge, e.g. ViT-B-32-quickgelu"
+    )
+    evaluate.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai")
+    evaluate.add_argument(
+        "--cache", default=None, help="image embeddings from 'clip-rl-trl embed' (same CLIP)"
+    )
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--batch-size", type=int, default=None)
+    evaluate.add_argument("-k", type=int, default=5, help="similar-image group size of GEG (Zhang et al.: 5)")
+    evaluate.add_argument(
+        "--no-coco-metrics", action="store_true", help="skip BLEU/METEOR/ROUGE-L/CIDEr/SPICE"
+    )
+    _add_recipe_flags(evaluate, required=False)
+    evaluate.add_argument(
+        "--output",
+        default=None,
+        help="metrics JSON (default: <captions>.metrics.json, or <model>/eval_metrics.json)",
+    )
+    evaluate.set_defaults(func=cmd_eval)
+
+
+def _add_push(sub: Any) -> None:
+    push = sub.add_parser(
+        "push",
+        help="upload a trained model folder and its model card to the Hugging Face Hub",
+        description="Create the Hub repository (if needed) and upload the folder written by "
+        "'clip-rl-trl train' (model or LoRA adapter, tokenizer, README.md model card, report), without "
+        "checkpoints. Needs the network and a token ('hf auth login' or HF_TOKEN).",
+    )
+    push.add_argument("--model", required=True, help="the output folder of 'clip-rl-trl train'")
+    push.add_argument("--repo-id", required=True, help="user/name or org/name on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--commit-message", default="Upload captioner trained with clip-rl-trl")
+    push.set_defaults(func=cmd_push)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
