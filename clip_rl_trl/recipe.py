@@ -583,6 +583,7 @@ def _image_cache(
             from accelerate import PartialState
 
             if PartialState().is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 cache.save(path)
     missing = [i for i in dict.fromkeys([*train["image_id"], *eval_["image_id"]]) if i not in cache]
     if missing:
