@@ -128,7 +128,12 @@ def main() -> None:
     bar = tqdm(total=len(args.rows) * len(args.seeds), desc="ablation runs")
     for name in args.rows:
         for seed in args.seeds if ROWS[name] is not None else args.seeds[:1]:
-            results.setdefault(name, []).append(run_row(prepared, config, name, seed))
+            row = run_row(prepared, config, name, seed)
+            results.setdefault(name, []).append(row)
+            # One line per finished run, so an interrupted table keeps what it measured.
+            with args.output.with_suffix(".runs.jsonl").open("a") as f:
+                f.write(json.dumps({"row": name, "seed": seed, **row}) + "\n")
+            bar.write(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
             bar.update(1 if ROWS[name] is not None else len(args.seeds))
     bar.close()
     table = {
