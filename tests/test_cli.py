@@ -1,20 +1,23 @@
-"""The clip-rl-trl command: embed a dataset, build similar-image groups, clear errors."""
+"""The clip-rl-trl command: embed, neighbors, train, eval, push: help, results and errors naming the flag."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
 from safetensors.torch import load_file
 
-from clip_rl_trl import ImageEmbeddingCache, similar_image_groups
+from clip_rl_trl import ImageEmbeddingCache, ShapesWorld, similar_image_groups
 from clip_rl_trl.cli import main
 
 
@@ -31,8 +34,24 @@ def dataset_dir(tmp_path_factory):
 
 def test_embed_then_neighbors(dataset_dir, tmp_path, capsys) -> None:
     cache_path = tmp_path / "cache.safetensors"
-    assert main(["embed", "--dataset", str(dataset_dir), "--clip", "RN50", "--output", str(cache_path),
-                 "--dtype", "float32", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--dataset",
+                str(dataset_dir),
+                "--clip",
+                "RN50",
+                "--output",
+                str(cache_path),
+                "--dtype",
+                "float32",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "wrote 5 embeddings" in capsys.readouterr().out
     cache = ImageEmbeddingCache.load(cache_path)
     assert cache.ids == [10, 11, 12, 13, 14] and cache.dim == 1024
@@ -49,8 +68,22 @@ def test_errors_name_the_bad_flag(dataset_dir, tmp_path, capsys) -> None:
     assert "--cache" in capsys.readouterr().err
     assert main(["embed", "--dataset", str(dataset_dir), "--output", "x"]) == 2
     assert "--clip is required" in capsys.readouterr().err
-    assert main(["embed", "--dataset", str(dataset_dir), "--clip", "RN50", "--id-column", "nope",
-                 "--output", str(tmp_path / "c.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "embed",
+                "--dataset",
+                str(dataset_dir),
+                "--clip",
+                "RN50",
+                "--id-column",
+                "nope",
+                "--output",
+                str(tmp_path / "c.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert "'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["embed", "--dataset", str(dataset_dir), "--dtype", "int8", "--output", "x"])
@@ -59,3 +92,174 @@ def test_errors_name_the_bad_flag(dataset_dir, tmp_path, capsys) -> None:
 def test_console_script_help() -> None:
     out = subprocess.run([sys.executable, "-m", "clip_rl_trl.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "embed" in out.stdout and "neighbors" in out.stdout
+
+
+# ---------------------------------------------------------------------- train, eval, push
+
+TINY_CLIP = "clip-rl-trl-cli-tiny"  # an open_clip architecture registered below (random weights, offline)
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    """Eight shapes-world scenes saved to disk, and a tiny open_clip architecture to judge them with."""
+    root = tmp_path_factory.mktemp("cli_eval")
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+        "text_cfg": {"context_length": 24, "width": 32, "heads": 2, "layers": 1},
+    }
+    (root / f"{TINY_CLIP}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(root / f"{TINY_CLIP}.json")
+    ShapesWorld(seed=0).to_dataset(8, "test").save_to_disk(str(root / "scenes"))
+    return root
+
+
+@pytest.mark.parametrize("command", ["demo", "embed", "neighbors", "train", "eval", "push"])
+def test_every_command_has_help(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert f"clip-rl-trl {command}" in capsys.readouterr().out
+
+
+def test_train_errors_name_the_flag(tmp_path, capsys) -> None:
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "--config" in capsys.readouterr().err
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "configs" / "shapes_demo.yaml"
+    assert main(["train", "--config", str(recipe), "--set", "training.lr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "--config" in err and "unknown CaptionRLConfig field ['lr']" in err
+    assert main(["train", "--config", str(recipe), "--set", "oops"]) == 2
+    assert "--set oops: expected KEY=VALUE" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["train", "--config", str(recipe), "--output-dir", str(tmp_path / "file")]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+
+
+def test_eval_scores_a_captions_file(shapes_dir, tmp_path, capsys) -> None:
+    scenes = ShapesWorld(seed=0).to_dataset(8, "test")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(
+        "".join(
+            json.dumps({"image_id": i, "before": "a circle", "after": ShapesWorld.describe(s)}) + "\n"
+            for i, s in zip(scenes["image_id"], scenes["scene"], strict=True)
+        )
+    )
+    out = tmp_path / "metrics.json"
+    torch.manual_seed(0)  # the tiny judge is randomly initialised: the same seed, the same judge
+    args = [
+        "eval",
+        "--captions",
+        str(captions),
+        "--dataset",
+        str(shapes_dir / "scenes"),
+        "--clip",
+        TINY_CLIP,
+        "--column",
+        "after",
+        "--no-coco-metrics",
+        "-k",
+        "3",
+        "--output",
+        str(out),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(out.read_text())
+    for key in ("recall_at_1", "p_at_1_100", "geg_avg", "clip_s", "refclip_s", "distinct_2", "self_bleu"):
+        assert key in metrics and key in printed
+    assert "cider" in metrics["skipped"]
+    # a JSON list of records (COCO results format) gives the same numbers; the default output sits beside it
+    torch.manual_seed(0)
+    listed = tmp_path / "results.json"
+    listed.write_text(
+        json.dumps(
+            [
+                {"image_id": i, "caption": ShapesWorld.describe(s)}
+                for i, s in zip(scenes["image_id"], scenes["scene"], strict=True)
+            ]
+        )
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--captions",
+                str(listed),
+                "--dataset",
+                str(shapes_dir / "scenes"),
+                "--clip",
+                TINY_CLIP,
+                "--no-coco-metrics",
+                "-k",
+                "3",
+            ]
+        )
+        == 0
+    )
+    again = json.loads((tmp_path / "results.metrics.json").read_text())
+    assert again["recall_at_1"] == pytest.approx(metrics["recall_at_1"])
+
+
+def test_eval_errors_name_the_flag(shapes_dir, tmp_path, capsys) -> None:
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"image_id": "test-000000", "before": "a circle"}) + "\n")
+    base = ["eval", "--captions", str(captions), "--dataset", str(shapes_dir / "scenes"), "--clip", TINY_CLIP]
+    assert main(base) == 2
+    assert "needs 'image_id' and 'caption' (--column)" in capsys.readouterr().err
+    captions.write_text(json.dumps({"image_id": "val-000042", "caption": "a circle"}) + "\n")
+    assert main(base) == 2
+    assert "1 image id(s) are not in --dataset" in capsys.readouterr().err
+    assert main(["eval", "--captions", str(tmp_path / "none.jsonl"), "--dataset", "shapes"]) == 2
+    assert "--captions" in capsys.readouterr().err
+    assert main(["eval", "--captions", str(captions)]) == 2
+    assert "--captions needs --dataset" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path)]) == 2
+    assert "--model needs --config" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one source only
+        main(["eval", "--captions", str(captions), "--model", str(tmp_path)])
+
+
+def model_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    (path / "README.md").write_text("# card\n")
+    return path
+
+
+def test_push_offline_fails_with_one_clear_line(tmp_path) -> None:
+    folder = model_folder(tmp_path / "model")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_rl_trl.cli",
+            "push",
+            "--model",
+            str(folder),
+            "--repo-id",
+            "someone/captioner",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1 and "HF_HUB_OFFLINE" in lines[0] and lines[0].startswith("clip-rl-trl push: error:")
+    )
+
+
+def test_push_errors_name_the_flag(tmp_path, capsys) -> None:
+    assert main(["push", "--model", str(tmp_path / "none"), "--repo-id", "a/b"]) == 2
+    assert "--model" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["push", "--model", str(tmp_path / "empty"), "--repo-id", "a/b"]) == 2
+    assert "no saved model" in capsys.readouterr().err
+    folder = model_folder(tmp_path / "model")
+    assert main(["push", "--model", str(folder), "--repo-id", "not a repo//id"]) == 2
+    assert "--repo-id" in capsys.readouterr().err
+    (folder / "README.md").unlink()
+    assert main(["push", "--model", str(folder), "--repo-id", "a/b"]) == 2
+    assert "no README.md model card" in capsys.readouterr().err
