@@ -1,18 +1,23 @@
 """Step time of ``CaptionRLTrainer`` against a stock ``trl.GRPOTrainer``, side by side in one run.
 
-Mode ``compare`` (default). Both trainers train a policy of the same size with the same reward callable
-(``ClipSReward(prompt="")`` on a random tiny CLIP: a judge's weights do not change its cost), the same batch,
-``num_generations``, ``max_completion_length``, optimiser and learning rate, with TRL's group-mean advantages
-(``baseline="group"``). The library has no decoder-only policy adapter, so the two sides are:
+Mode ``compare`` (default). Both trainers train the identical model: a tiny ``GPT2LMHeadModel`` (2 layers x
+64, the shapes world's word vocabulary) built from the same seed, continuing the same text prompt. The stock
+``trl.GRPOTrainer`` reads the prompt from the dataset; ``CaptionRLTrainer`` drives the model through
+``CausalLMPolicy`` (the same prompt, tokenized as TRL tokenizes it). Everything else is the same too: the
+dataset, the reward (a cheap pure-Python function of the completion text, so the trainers' own work dominates),
+batch, ``num_generations``, ``max_completion_length``, sampling settings, optimiser, learning rate and every other
+``GRPOConfig`` default, with group-mean advantages on both sides (``baseline="group"``; TRL also divides them
+by the group's standard deviation, ``scale_rewards="group"``, which costs nothing). Dropout is switched off
+(``disable_dropout=True``) on both sides: by default the stock trainer samples from the model in training mode,
+dropout active, and ours in evaluation mode, so the two would not run the same forward passes. What differs is
+only the trainer: ours generates through the policy adapter, computes advantages with its baseline module,
+decodes and logs its own metrics.
 
-  - ours: ``ClipCapModel`` (MLP mapper -> ``prefix_length`` prefix embeddings -> GPT-2) under ``CaptionRLTrainer``;
-  - stock: a ``GPT2LMHeadModel`` of exactly ClipCap's GPT-2 config under ``GRPOTrainer``, prompted with
-    ``prefix_length`` tokens, so both decoders attend over the same number of positions.
-
-ClipCap's extra work (the mapper, the image-embedding look-up, the in-batch P@1 metric) is part of what is
-measured. The trainers run in alternating rounds (ours, stock, ours, stock, ...) so that load from other jobs on
-a shared machine hits both alike; the step time is the median over every round's steps after ``--warmup``.
-Completion lengths differ between the two random policies; their mean is printed next to the times.
+The trainers run in alternating rounds (ours, stock, ours, stock, ...) so that load from other jobs on a shared
+machine hits both alike; each round builds a fresh trainer and model, and its first ``--warmup`` steps are
+dropped; the step time is the median over every round's remaining steps. The two sides sample from different
+random streams, so their captions differ; the mean completion length (in words, as the reward sees them) is
+printed next to the times.
 
 Mode ``throughput``: ``CaptionRLTrainer`` alone at the scale of the papers: a random ViT-B/32-sized CLIP
 (``open_clip`` ``ViT-B-32`` architecture, embed dim 512, no weights downloaded), a ClipCap whose decoder has GPT-2
@@ -22,7 +27,7 @@ the callable, CLIP text pass included).
 
 Commands (the CPU figures need a quiet machine; the GPU ones are what the goal is about):
 
-    python benchmarks/trainer_step.py                                  # CPU, tiny models, goal ratio <= 1.10
+    python benchmarks/trainer_step.py                                  # CPU, tiny GPT-2, goal ratio <= 1.10
     python benchmarks/trainer_step.py --device cuda --batch 64         # the same on a GPU
     python benchmarks/trainer_step.py --mode throughput --device cuda  # ViT-B/32-sized judge, batch 100
 """
@@ -59,7 +64,7 @@ from clip_rl_trl import (
     ImageEmbeddingCache,
     ShapesWorld,
 )
-from clip_rl_trl.data.shapes import DEFAULT_CLIP_CONFIG
+from clip_rl_trl.models.policies import CausalLMPolicy
 
 GOAL = 1.10
 
@@ -87,13 +92,17 @@ class StepTimer(TrainerCallback):
 
 
 class TimedReward:
-    """A reward callable that records the time spent in each call (TRL keeps the ``__name__``)."""
+    """A reward callable that records the time spent in each call and the completions' mean length in words.
+
+    Both trainers hand rewards the decoded completions as ``completions=`` (TRL keeps the ``__name__``).
+    """
 
     def __init__(self, reward: Callable, device: torch.device) -> None:
         self.reward = reward
         self.device = device
         self.__name__ = reward.__name__
         self.times: list[float] = []
+        self.words: list[float] = []  # mean completion length of each call, in words
 
     def __call__(self, *args: Any, **kwargs: Any) -> list[float]:
         sync(self.device)
@@ -101,22 +110,22 @@ class TimedReward:
         out = self.reward(*args, **kwargs)
         sync(self.device)
         self.times.append(time.perf_counter() - start)
+        self.words.append(statistics.mean(len(c.split()) for c in kwargs["completions"]))
         return out
 
 
-def judge(kind: str, device: torch.device) -> ClipScorer:
-    """A random CLIP of the shapes world's tiny size or of ViT-B/32's size (no download)."""
+def distinct_words(completions: list[str], **kwargs: Any) -> list[float]:
+    """A cheap reward (no model): the number of distinct words in the completion."""
+    return [float(len(set(c.split()))) for c in completions]
+
+
+def vit_b_32_judge(device: torch.device) -> ClipScorer:
+    """A random CLIP of ViT-B/32's size (no download): a judge's weights do not change its cost."""
     torch.manual_seed(0)
-    if kind == "tiny":
-        cfg = DEFAULT_CLIP_CONFIG
-        model = open_clip.CLIP(**{k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()})
-        tokenizer = open_clip.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
-        preprocess = image_transform(cfg["vision_cfg"]["image_size"], is_train=False)
-    else:
-        model = open_clip.create_model("ViT-B-32", pretrained=None)
-        tokenizer = open_clip.get_tokenizer("ViT-B-32")
-        preprocess = image_transform(224, is_train=False)
-    return ClipScorer(model, tokenizer, preprocess, device=device)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    return ClipScorer(
+        model, open_clip.get_tokenizer("ViT-B-32"), image_transform(224, is_train=False), device=device
+    )
 
 
 def image_cache(n: int, dim: int) -> ImageEmbeddingCache:
@@ -160,7 +169,22 @@ def common_args(opts: argparse.Namespace, output_dir: str) -> dict[str, Any]:
     )
 
 
-def run_ours(opts, scorer, cache, tokenizer, dataset, prefix_length: int, size: str) -> dict[str, Any]:
+def train(trainer, timer: StepTimer, reward: TimedReward, warmup: int) -> dict[str, Any]:
+    """Train, and return the step times, reward-call times per step and mean completion length after ``warmup``."""
+    trainer.remove_callback(PrinterCallback)  # keep the output to the summary
+    trainer.train()
+    # Calls per step: one for the samples (two with a greedy baseline); align the reward calls to steps.
+    per_step = len(reward.times) // len(timer.times)
+    reward_per_step = [sum(reward.times[i * per_step : (i + 1) * per_step]) for i in range(len(timer.times))]
+    return {
+        "steps": timer.times[warmup:],
+        "reward": reward_per_step[warmup:],
+        "words": reward.words[warmup * per_step :],
+    }
+
+
+def run_clipcap(opts, scorer, cache, tokenizer, dataset, prefix_length: int, size: str) -> dict[str, Any]:
+    """``CaptionRLTrainer`` on a ClipCap whose reward is CLIP-S (the throughput mode)."""
     device = torch.device(opts.device)
     torch.manual_seed(0)
     model = ClipCapModel(
@@ -174,87 +198,74 @@ def run_ours(opts, scorer, cache, tokenizer, dataset, prefix_length: int, size: 
     reward = TimedReward(ClipSReward(scorer, cache, prompt=""), device)
     timer = StepTimer(device)
     with tempfile.TemporaryDirectory() as tmp:
-        args = CaptionRLConfig(baseline="group", log_sample_captions=0, **common_args(opts, tmp))
         trainer = CaptionRLTrainer(
             model=model,
             reward_funcs=[reward],
-            args=args,
+            args=CaptionRLConfig(baseline="group", **common_args(opts, tmp)),
             train_dataset=dataset,
             processing_class=tokenizer,
             image_cache=cache,
             scorer=scorer,
             callbacks=[timer],
         )
-        trainer.remove_callback(PrinterCallback)  # keep the output to the summary
-        trainer.train()
-    return summary(trainer, timer, reward, opts.warmup)
+        return train(trainer, timer, reward, opts.warmup)
 
 
-def run_stock(opts, scorer, cache, tokenizer, dataset, prefix_length: int, size: str) -> dict[str, Any]:
+def run_text_lm(opts, tokenizer, dataset, ours: bool) -> dict[str, Any]:
+    """The tiny GPT-2 under ``CaptionRLTrainer`` (``ours``) or under a stock ``GRPOTrainer``: same seed, model,
+    prompt, data, reward and settings."""
     device = torch.device(opts.device)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(gpt2_config(tokenizer, size))
-    reward = TimedReward(ClipSReward(scorer, cache, prompt=""), device)
+    model = GPT2LMHeadModel(gpt2_config(tokenizer, "tiny"))
+    reward = TimedReward(distinct_words, device)
     timer = StepTimer(device)
-    # prefix_length prompt tokens stand in for ClipCap's prefix embeddings.
-    prompt = " ".join(["a"] * prefix_length)
     with tempfile.TemporaryDirectory() as tmp:
-        args = GRPOConfig(**common_args(opts, tmp))
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=[reward],
-            args=args,
-            train_dataset=dataset.map(lambda _: {"prompt": prompt}),
-            processing_class=tokenizer,
-            callbacks=[timer],
-        )
-        trainer.remove_callback(PrinterCallback)  # keep the output to the summary
-        trainer.train()
-    return summary(trainer, timer, reward, opts.warmup)
-
-
-def summary(trainer, timer: StepTimer, reward: TimedReward, warmup: int) -> dict[str, Any]:
-    lengths = [
-        e["completions/mean_length"] for e in trainer.state.log_history if "completions/mean_length" in e
-    ]
-    # Calls per step: one for the samples (two with a greedy baseline); align the reward calls to steps.
-    per_step = len(reward.times) // len(timer.times)
-    reward_per_step = [sum(reward.times[i * per_step : (i + 1) * per_step]) for i in range(len(timer.times))]
-    return {
-        "steps": timer.times[warmup:],
-        "reward": reward_per_step[warmup:],
-        "length": statistics.mean(lengths[warmup:]) if len(lengths) > warmup else float("nan"),
-    }
+        if ours:
+            trainer = CaptionRLTrainer(
+                model=model,
+                reward_funcs=[reward],
+                args=CaptionRLConfig(baseline="group", disable_dropout=True, **common_args(opts, tmp)),
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                policy=CausalLMPolicy(tokenizer, prompt=opts.prompt),
+                callbacks=[timer],
+            )
+        else:
+            trainer = GRPOTrainer(
+                model=model,
+                reward_funcs=[reward],
+                args=GRPOConfig(disable_dropout=True, **common_args(opts, tmp)),
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                callbacks=[timer],
+            )
+        return train(trainer, timer, reward, opts.warmup)
 
 
 def compare(opts: argparse.Namespace) -> None:
-    device = torch.device(opts.device)
-    world = ShapesWorld(seed=0)
-    tokenizer = world.word_tokenizer()
-    scorer = judge("tiny", device)
-    cache = image_cache(opts.images, scorer.embed_dim)
-    dataset = datasets.Dataset.from_dict({"image_id": cache.ids})
-    prefix_length = 4
-    results: dict[str, dict[str, list[float]]] = {
-        "ours": {"steps": [], "reward": [], "length": []},
-        "stock": {"steps": [], "reward": [], "length": []},
-    }
+    tokenizer = ShapesWorld(seed=0).word_tokenizer()
+    # The stock trainer reads "prompt", ours its policy's prompt (the same text) and the image-id column it checks.
+    dataset = datasets.Dataset.from_dict(
+        {"prompt": [opts.prompt] * opts.images, "image_id": [f"img-{i}" for i in range(opts.images)]}
+    )
+    results = {name: {"steps": [], "reward": [], "words": []} for name in ("ours", "stock")}
     for _ in range(opts.rounds):
-        for name, fn in (("ours", run_ours), ("stock", run_stock)):
-            out = fn(opts, scorer, cache, tokenizer, dataset, prefix_length, "tiny")
-            results[name]["steps"] += out["steps"]
-            results[name]["reward"] += out["reward"]
-            results[name]["length"].append(out["length"])
+        for name in results:
+            out = run_text_lm(opts, tokenizer, dataset, ours=name == "ours")
+            for key in results[name]:
+                results[name][key] += out[key]
+    prompt_tokens = len(tokenizer(opts.prompt)["input_ids"])
     print(
-        f"device {opts.device}; batch {opts.batch} captions ({opts.batch // opts.num_generations} images x "
+        f"device {opts.device}; batch {opts.batch} completions ({opts.batch // opts.num_generations} prompts x "
         f"{opts.num_generations}); max_completion_length {opts.max_completion_length}; {opts.rounds} rounds x "
         f"{opts.steps} steps, first {opts.warmup} of each round dropped; torch threads {torch.get_num_threads()}"
     )
-    print("ours: ClipCap (MLP mapper, 4 prefix embeddings, GPT-2 2 layers x 64) under CaptionRLTrainer")
     print(
-        "stock: GPT2LMHeadModel (same GPT-2 config, 4 prompt tokens) under trl.GRPOTrainer "
-        "(the library has no decoder-only policy adapter)"
+        f"both: GPT2LMHeadModel (2 layers x 64, vocabulary {len(tokenizer)}, seed 0), prompt {opts.prompt!r} "
+        f"({prompt_tokens} tokens), reward distinct_words, group-mean advantages, no dropout, "
+        "GRPOConfig defaults otherwise"
     )
+    print("ours: CaptionRLTrainer + CausalLMPolicy; stock: trl.GRPOTrainer")
     print(f"{'':6s} {'median step':>12s} {'p10':>9s} {'p90':>9s} {'reward share':>13s} {'mean words':>11s}")
     medians = {}
     for name, r in results.items():
@@ -264,7 +275,7 @@ def compare(opts: argparse.Namespace) -> None:
         p10, p90 = steps[len(steps) // 10], steps[(9 * len(steps)) // 10]
         print(
             f"{name:6s} {medians[name] * 1e3:9.1f} ms {p10 * 1e3:6.1f} ms {p90 * 1e3:6.1f} ms "
-            f"{share:12.1%} {statistics.mean(r['length']):11.1f}"
+            f"{share:12.1%} {statistics.mean(r['words']):11.1f}"
         )
     ratio = medians["ours"] / medians["stock"]
     print(f"ratio ours / stock: {ratio:.3f}x (goal <= {GOAL:.2f}x: {'met' if ratio <= GOAL else 'NOT met'})")
@@ -273,10 +284,10 @@ def compare(opts: argparse.Namespace) -> None:
 def throughput(opts: argparse.Namespace) -> None:
     device = torch.device(opts.device)
     tokenizer = ShapesWorld(seed=0).word_tokenizer()
-    scorer = judge("vit-b-32", device)
+    scorer = vit_b_32_judge(device)
     cache = image_cache(opts.images, scorer.embed_dim)
     dataset = datasets.Dataset.from_dict({"image_id": cache.ids})
-    out = run_ours(opts, scorer, cache, tokenizer, dataset, prefix_length=10, size="gpt2-small")
+    out = run_clipcap(opts, scorer, cache, tokenizer, dataset, prefix_length=10, size="gpt2-small")
     median = statistics.median(out["steps"])
     print(
         f"device {opts.device}; CaptionRLTrainer, ClipCap (MLP mapper, 10 prefix embeddings, GPT-2 small shape: "
@@ -284,7 +295,7 @@ def throughput(opts: argparse.Namespace) -> None:
     )
     print(
         f"batch {opts.batch} captions ({opts.batch // opts.num_generations} images x {opts.num_generations}), "
-        f"max_completion_length {opts.max_completion_length}, mean caption {out['length']:.1f} words; "
+        f"max_completion_length {opts.max_completion_length}, mean caption {statistics.mean(out['words']):.1f} words; "
         f"{opts.steps} steps, first {opts.warmup} dropped"
     )
     print(
@@ -306,8 +317,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per round (default 12, throughput 15)")
     parser.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of every round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per trainer (compare mode)")
-    parser.add_argument("--images", type=int, default=512, help="images in the embedding cache")
+    parser.add_argument(
+        "--images", type=int, default=512, help="dataset rows (images in the embedding cache)"
+    )
+    parser.add_argument("--prompt", default="a", help="the text every completion continues (compare mode)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default torch's; 1 is steadier on a busy machine)",
+    )
     opts = parser.parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     opts.batch = opts.batch or (100 if opts.mode == "throughput" else 16)
     opts.steps = opts.steps or (15 if opts.mode == "throughput" else 12)
     if opts.batch % opts.num_generations:
