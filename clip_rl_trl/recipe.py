@@ -857,6 +857,10 @@ def _training_config(
         training.setdefault("logging_steps", 1)
         training.setdefault("save_strategy", "no")
     training.setdefault("disable_tqdm", not progress)
+    if recipe["captioner"]["family"] == "blip" and recipe["captioner"]["lora"]:
+        # With PEFT, gradient checkpointing makes the input embeddings a leaf that requires grad, and BLIP's
+        # vision embeddings add their position embeddings in place: the backward pass fails.
+        training.setdefault("gradient_checkpointing", False)
     try:
         return CaptionRLConfig(output_dir=os.fspath(output_dir), reward_weights=weights, **training)
     except (TypeError, ValueError) as err:
@@ -984,6 +988,9 @@ def build(
     )
     policy = _policy(spec, context, model, processing, args)
     train, eval_ = _trainer_datasets(context, spec["family"], args)
+    # BLIP's policy holds the image processor; the trainer gets the tokenizer, because GRPOTrainer reads
+    # `config.image_token_id` for any processor and BLIP's config has none. `run` saves the whole processor.
+    trainer_processing = processing.tokenizer if spec["family"] == "blip" else processing
     try:
         trainer = CaptionRLTrainer(
             model=model,
@@ -991,7 +998,7 @@ def build(
             args=args,
             train_dataset=train,
             eval_dataset=eval_,
-            processing_class=processing,
+            processing_class=trainer_processing,
             image_cache=context.cache,
             scorer=context.scorer,
             policy=policy,
@@ -1142,6 +1149,7 @@ def run(recipe: Mapping[str, Any], output_dir: str | os.PathLike, progress: bool
     files: dict[str, Path] = {}
     after = None
     if main:
+        context.processing_class.save_pretrained(output_dir)  # BLIP: the processor, not only its tokenizer
         after, after_captions, ids = evaluate(context, trainer.model)
         trainer.last_eval_metrics = _numeric(after)
         # The card's `datasets:` metadata takes Hub dataset ids only.

@@ -21,8 +21,10 @@ from clip_rl_trl import ClipCapConfig, ClipCapModel, ImageEmbeddingCache, Shapes
 from clip_rl_trl.recipe import (
     REWARD_KEYS,
     RecipeError,
+    build,
     build_rewards,
     default_output_dir,
+    evaluate,
     evaluate_saved,
     load_recipe,
     run,
@@ -414,3 +416,66 @@ def test_a_cache_for_other_data_is_refused(tiny_setup, tmp_path) -> None:
     recipe = load_recipe(path, [f"clip.cache={tmp_path / 'other.safetensors'}"])
     with pytest.raises(RecipeError, match="clip.cache .*image id\\(s\\) of the recipe's data are not in it"):
         run(recipe, tmp_path / "out", progress=False)
+
+
+def test_a_blip_recipe_with_lora_builds_and_evaluates(tiny_setup) -> None:
+    """The pixel-reading family: a tiny BLIP and its processor saved locally, LoRA on the text decoder."""
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    root, path = tiny_setup
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    tokenizer = BertTokenizerFast(
+        vocab={w: i for i, w in enumerate(specials + ShapesWorld.vocabulary())},
+        bos_token="[DEC]",
+        eos_token="[SEP]",
+    )
+    torch.manual_seed(0)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=40,
+        bos_token_id=tokenizer.bos_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    BlipForConditionalGeneration(
+        BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
+    ).save_pretrained(root / "blip")
+    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "blip")
+    recipe = load_recipe(
+        path,
+        [
+            "captioner.family=blip",
+            f"captioner.name_or_path={root / 'blip'}",
+            "captioner.lora=true",
+            "captioner.prompt=a",
+        ],
+    )
+    trainer, context = build(recipe, root / "blip_run", progress=False)
+    assert trainer.args.gradient_checkpointing is False  # BLIP + LoRA: see recipe._training_config
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "text_decoder" in n for n in trainable)
+    metrics, captions, ids = evaluate(context, trainer.model)
+    assert len(captions) == len(ids) == 8 and "p_at_1_100" in metrics
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()  # the rows keep their images: BLIP reads pixels
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
