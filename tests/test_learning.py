@@ -84,6 +84,16 @@ class Captioner:
     data: Any  # the training rows this captioner reads
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One torch thread for this module: the models are tiny, and on a busy 2-core machine two spinning threads per
+    process made these runs several times slower (the same set took 11 min with torch's 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def shapes() -> Shapes:
     world = ShapesWorld(seed=0)
