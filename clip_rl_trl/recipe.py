@@ -699,20 +699,8 @@ def _grammar_reward(
 
     folder = Path(spec.get("path") or output_dir / "grammar")
     tower = folder / "text_tower.safetensors"
-    options = {
-        k: spec[k]
-        for k in (
-            "epochs",
-            "batch_size",
-            "lr",
-            "head_lr",
-            "grammar_weight",
-            "num_negatives",
-            "prompt",
-            "seed",
-        )
-        if k in spec
-    }
+    # Every grammar key but "path" is a train_grammar_head argument.
+    options = {k: spec[k] for k in REWARD_KEYS["grammar"] if k != "path" and k in spec}
     with _main_first():
         if (folder / "grammar_head.safetensors").is_file() and tower.is_file():
             head = GrammarHead.from_pretrained(folder)
