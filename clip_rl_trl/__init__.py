@@ -1,12 +1,22 @@
 """clip-rl-trl: distinctive image captioning with CLIP-guided reinforcement learning on top of TRL."""
 
 from clip_rl_trl.clip import ClipScorer
+from clip_rl_trl.data import load_hub_captions, load_karpathy
 from clip_rl_trl.data.shapes import ShapesWorld
+from clip_rl_trl.demo import DemoConfig, run_demo
 from clip_rl_trl.embeddings import ImageEmbeddingCache
 from clip_rl_trl.evaluation import evaluate_captions
+from clip_rl_trl.evaluation.report import format_table, mean_std, write_report
 from clip_rl_trl.models import ClipCapConfig, ClipCapModel
-from clip_rl_trl.models.policies import BlipPolicy, CaptionPolicy, CausalVLMPolicy, ClipCapPolicy
+from clip_rl_trl.models.policies import (
+    BlipPolicy,
+    CaptionPolicy,
+    CausalLMPolicy,
+    CausalVLMPolicy,
+    ClipCapPolicy,
+)
 from clip_rl_trl.neighbors import similar_image_groups
+from clip_rl_trl.recipe import load_recipe
 from clip_rl_trl.rewards import functional
 from clip_rl_trl.rewards.callables import (
     BidirectionalReward,
@@ -30,26 +40,35 @@ __all__ = [
     "CaptionPolicy",
     "CaptionRLConfig",
     "CaptionRLTrainer",
-    "CiderD",
+    "CausalLMPolicy",
     "CausalVLMPolicy",
+    "CiderD",
     "CiderReward",
-    "ClipCapPolicy",
     "ClipCapConfig",
     "ClipCapModel",
-    "ClipSReward",
+    "ClipCapPolicy",
     "ClipScorer",
+    "ClipSReward",
+    "DemoConfig",
     "Discriminator",
     "DiscriminatorReward",
+    "evaluate_captions",
+    "format_table",
+    "functional",
     "GrammarHead",
     "GrammarReward",
     "GroupGapReward",
     "ImageEmbeddingCache",
-    "RetrievalReward",
-    "ShapesWorld",
-    "__version__",
-    "evaluate_captions",
-    "functional",
+    "load_hub_captions",
+    "load_karpathy",
+    "load_recipe",
     "make_grammar_negatives",
+    "mean_std",
+    "RetrievalReward",
+    "run_demo",
+    "ShapesWorld",
     "similar_image_groups",
     "train_grammar_head",
+    "write_report",
+    "__version__",
 ]
