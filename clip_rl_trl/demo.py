@@ -16,10 +16,9 @@ import copy
 import dataclasses
 import hashlib
 import json
-import logging
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,6 @@ from clip_rl_trl.evaluation.evaluate import evaluate_captions
 from clip_rl_trl.models.clipcap import ClipCapConfig, ClipCapModel, train_clipcap_mle
 
 __all__ = ["QUICK", "DemoConfig", "Prepared", "caption_images", "evaluate_test", "fine_tune", "prepare", "run_demo"]
-
-logger = logging.getLogger(__name__)
 
 # What ``--quick`` changes: fewer scenes and steps, for CI and a first look (the targets apply to the full run).
 QUICK: dict[str, Any] = {"n_train": 500, "n_test": 100, "steps": 10, "eval_every": 5, "mle_epochs": 6}
@@ -336,7 +333,3 @@ def run_demo(
         print(f"report written to {output_dir} in {seconds:.0f} s")
     return {"before": before, "after": after, "seconds": seconds, "files": files}
 
-
-def summarise(result: Mapping[str, Any], keys: Sequence[str] = _CURVE_KEYS) -> str:
-    """One line: before -> after for ``keys``."""
-    return ", ".join(f"{k} {result['before'][k]:.3f} -> {result['after'][k]:.3f}" for k in keys)
