@@ -105,7 +105,8 @@ def run_row(p: Prepared, config: DemoConfig, name: str, seed: int) -> dict[str, 
     generations = settings.pop("num_generations", config.num_generations)
     # Single-sample rows see as many captions per step as the group rows: G times more images.
     images = config.images_per_step * config.num_generations // generations
-    row_config = config.replace(images_per_step=images, num_generations=generations)
+    # The demo's test-P@1 curve is not part of the table: one greedy evaluation at the last step only.
+    row_config = config.replace(images_per_step=images, num_generations=generations, eval_every=config.steps)
     trainer = fine_tune(p, row_config, Path(f"/tmp/shapes_ablation/{name}-{seed}"), progress=False,
                         rewards=build(p, row_config, seed), **settings)
     metrics, _ = evaluate_test(p, trainer.model, config)

@@ -31,7 +31,7 @@ def main() -> None:
         "--seed", type=int, default=0, help="world seed for training; evaluation uses seed + 1"
     )
     parser.add_argument("--n-scenes", type=int, default=8000)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--partial-weight", type=float, default=0.5)
