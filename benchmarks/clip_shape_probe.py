@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from clip_rl_trl.data.shapes import COLOURS, SHAPES, ShapesWorld
 from clip_rl_trl.embeddings import ImageEmbeddingCache
+from clip_rl_trl.evaluation.retrieval import recall_at_k
 
 
 def probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor) -> float:
@@ -74,13 +75,8 @@ def main() -> None:
                 torch.tensor(y_test)[single[1]],
             )
             print(f"shape, single-object scenes: {acc:.3f}")
-    sims = (
-        F.normalize(scorer.encode_texts(test["full_caption"][:100]).float(), dim=-1)
-        @ F.normalize(x_test[:100], dim=-1).T
-    )
-    print(
-        f"full-caption R@1 among the first 100 test scenes: {(sims.argmax(1) == torch.arange(100)).float().mean():.3f}"
-    )
+    r1 = recall_at_k(scorer.encode_texts(test["full_caption"][:100]).float(), x_test[:100], k=1)[1]
+    print(f"full-caption R@1 among the first 100 test scenes: {r1:.3f}")
 
 
 if __name__ == "__main__":

@@ -404,7 +404,8 @@ class ShapesWorld:
         """Train (or load from the cache) a tiny open_clip ``CLIP`` on this world and wrap it as a ``ClipScorer``.
 
         The model is ``open_clip.CLIP(**config)`` with ``config`` = ``DEFAULT_CLIP_CONFIG`` updated by
-        ``config_overrides`` (``embed_dim=32`` or ``vision_cfg={"layers": 2}``: sub-dicts are merged). It is
+        ``config_overrides`` (``embed_dim=32`` or ``vision_cfg={"layers": [2, 2, 2, 2]}``: sub-dicts are merged;
+        an int ``layers`` with a ``patch_size`` makes the tower a ViT). It is
         trained on ``n_scenes`` scenes of split ``"clip"`` (the captioners' ``"train"``/``"test"`` splits stay
         unseen) with AdamW and a one-cycle schedule peaking at ``lr``. Each step pairs every image with its full
         caption (symmetric InfoNCE, Radford et al. 2021) and with a random partial caption (text-to-image
