@@ -206,3 +206,58 @@ def make_baseline(name: str, momentum: float = 0.9) -> Baseline:
     if name not in classes:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
     return classes[name]()
+
+
+GT_WEIGHTINGS = ("reward", "signed_reward", "advantage", "positive_advantage", "softmax", "uniform")
+
+
+def ground_truth_weights(
+    gt_rewards: torch.Tensor,
+    image_baseline: torch.Tensor,
+    num_generations: int,
+    weighting: str = "reward",
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """Weights ``w_k`` of Chaffin et al. 2024's ground-truth term ``-sum_k w_k log p(gt_k | I_k)``.
+
+    The slides ("RL objective on ground truth samples") weight each human caption ``x`` by its reward, with no
+    baseline: ``grad L = -(alpha r_sim(x) + (1 - alpha) r_regu(x)) grad log p(x)``, "learn to reproduce
+    human-written sequences, but focus on highly descriptive ones". A weight below zero turns the term into
+    unlikelihood on human captions, which pushes their probability down without limit; the default keeps the
+    term a likelihood.
+
+    Args:
+        gt_rewards: ``(N,)`` weighted reward of the reference paired with each of the ``N = B * G`` rows (the G
+            rows of an image next to each other).
+        image_baseline: ``(B,)`` baseline of each image (:meth:`Baseline.per_image`).
+        num_generations: G.
+        weighting:
+            ``"reward"``: ``max(r(gt), 0)``, the slides' weighting kept a likelihood (the default);
+            ``"signed_reward"``: ``r(gt)``, the slides' formula as written (negative for a negative reward);
+            ``"advantage"``: ``r(gt) - b``, a REINFORCE advantage (unlikelihood once samples out-score the
+            references);
+            ``"positive_advantage"``: ``max(r(gt) - b, 0)``, only references that beat the samples;
+            ``"softmax"``: ``softmax_k(r(gt_k) / temperature)`` over the image's G references, summing to 1 per
+            image (self-normalised: the term's size does not depend on the reward's scale);
+            ``"uniform"``: 1 (plain teacher forcing on the references).
+        temperature: the softmax's temperature (``"softmax"`` only).
+    """
+    grouped = _grouped(gt_rewards, num_generations)
+    if image_baseline.shape != (grouped.shape[0],):
+        raise ValueError(f"image_baseline must have shape ({grouped.shape[0]},), got {tuple(image_baseline.shape)}")
+    advantage = (grouped - image_baseline.unsqueeze(1)).reshape(-1)
+    if weighting == "reward":
+        return gt_rewards.clamp(min=0.0)
+    if weighting == "signed_reward":
+        return gt_rewards.clone()
+    if weighting == "advantage":
+        return advantage
+    if weighting == "positive_advantage":
+        return advantage.clamp(min=0.0)
+    if weighting == "softmax":
+        if temperature <= 0:
+            raise ValueError(f"the softmax weighting needs temperature > 0, got {temperature}")
+        return (grouped / temperature).softmax(dim=1).reshape(-1)
+    if weighting == "uniform":
+        return torch.ones_like(gt_rewards)
+    raise ValueError(f"unknown gt_weighting {weighting!r}; choose one of {', '.join(GT_WEIGHTINGS)}")

@@ -66,7 +66,7 @@ class DemoConfig:
     discriminator_weight: float = 0.06
     discriminator_lr: float = 1e-3
     gt_loss_weight: float = 1.0
-    gt_weighting: str = "advantage"
+    gt_weighting: str = "reward"
     beta: float = 0.0  # KL penalty to the MLE captioner
     # Evaluation.
     eval_every: int = 4  # greedy P@1 on the test scenes every N steps, for the training plot
@@ -228,12 +228,15 @@ def fine_tune(
     output_dir: Path,
     progress: bool = True,
     rewards: Sequence[tuple[Any, float]] | None = None,
+    callbacks: Sequence[Any] | None = None,
     **overrides: Any,
 ) -> Any:
     """RL on a copy of the MLE captioner; returns the trainer (its model is the result).
 
     ``rewards`` are ``(reward function, weight)`` pairs, Chaffin et al.'s by default; ``overrides`` are extra
     ``CaptionRLConfig`` fields (``train_decoding="greedy"``, ...), for the ablation's other recipes.
+    ``callbacks`` replace the demo's test-P@1 curve (greedy captions of the test scenes every ``eval_every``
+    steps) with the caller's own trainer callbacks.
     """
     from transformers import TrainerCallback
 
@@ -282,7 +285,8 @@ def fine_tune(
                 metrics, _ = evaluate_test(prepared, trainer.model, config, full=False, num_beams=1)
                 trainer.log({f"eval/{k}": metrics[k] for k in _CURVE_KEYS})
 
-    trainer.add_callback(_TestCurve())
+    for callback in [_TestCurve()] if callbacks is None else callbacks:
+        trainer.add_callback(callback)
     trainer.train()
     return trainer
 

@@ -1,5 +1,7 @@
 """Baselines: hand-computed advantages, the ground-truth baseline, state and resumption, errors."""
 
+import math
+
 import pytest
 import torch
 
@@ -97,3 +99,29 @@ def test_errors() -> None:
         make_baseline("group").advantages(torch.tensor([1.0, float("nan")]), 2)
     with pytest.raises(ValueError, match="stateless"):
         make_baseline("group").load_state_dict({"mean": 1.0})
+
+
+def test_ground_truth_weights_by_hand() -> None:
+    """Two images, G = 2; image 0's references score 0.3 and -0.2 against baseline 0.1, image 1's 0.5, 0.0 vs 0.6."""
+    from clip_rl_trl.baselines import ground_truth_weights
+
+    r = torch.tensor([0.3, -0.2, 0.5, 0.0])
+    b = torch.tensor([0.1, 0.6])
+
+    def w(name: str, **kw) -> list[float]:
+        return ground_truth_weights(r, b, 2, name, **kw).tolist()
+
+    assert w("reward") == pytest.approx([0.3, 0.0, 0.5, 0.0])
+    assert w("signed_reward") == pytest.approx([0.3, -0.2, 0.5, 0.0])
+    assert w("advantage") == pytest.approx([0.2, -0.3, -0.1, -0.6])  # below the baseline: negative
+    assert w("positive_advantage") == pytest.approx([0.2, 0.0, 0.0, 0.0])
+    e = [math.exp(x) for x in (3.0, -2.0, 5.0, 0.0)]  # r / 0.1
+    assert w("softmax", temperature=0.1) == pytest.approx([e[0] / (e[0] + e[1]), e[1] / (e[0] + e[1]),
+                                                           e[2] / (e[2] + e[3]), e[3] / (e[2] + e[3])])
+    assert w("uniform") == [1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="unknown gt_weighting 'best'"):
+        w("best")
+    with pytest.raises(ValueError, match="temperature > 0"):
+        w("softmax", temperature=0.0)
+    with pytest.raises(ValueError, match=r"image_baseline must have shape \(2,\)"):
+        ground_truth_weights(r, torch.zeros(3), 2)

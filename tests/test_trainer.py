@@ -142,6 +142,62 @@ def test_ground_truth_term_alone_moves_the_policy_towards_references(setup, tmp_
     assert nll() < start
 
 
+def _reference_reward(value: float, refs: set[str]):
+    """A reward of ``value`` for a reference caption and 0 for anything else."""
+
+    def reward(prompts, completions, completion_ids, **kw):
+        return [value if c in refs else 0.0 for c in completions]
+
+    return reward
+
+
+@pytest.mark.parametrize(
+    ("weighting", "ref_reward", "direction"),
+    [
+        ("reward", 1.0, "up"),
+        ("reward", -1.0, "still"),  # clamped at 0: a reference below the baseline is never pushed down
+        ("signed_reward", -1.0, "down"),
+        ("advantage", 1.0, "up"),
+        ("advantage", -1.0, "down"),  # r(gt) - b < 0: unlikelihood on the references
+        ("positive_advantage", -1.0, "still"),
+        ("softmax", -1.0, "up"),
+        ("uniform", -1.0, "up"),
+    ],
+)
+def test_ground_truth_term_sign_under_each_weighting(setup, tmp_path, weighting, ref_reward, direction) -> None:
+    """Samples score 0 (zero advantages: no policy gradient), references ``ref_reward``: the term alone moves
+    the references' likelihood, up for a positive weight, down for a negative one, not at all for zero."""
+    data, scorer, cache, tokenizer = setup
+    from clip_rl_trl.models.clipcap import tokenize_captions
+
+    refs = {c for caps in data["captions"] for c in caps}
+    args = make_args(tmp_path, baseline="group", gt_loss_weight=1.0, gt_weighting=weighting, max_steps=3,
+                     learning_rate=3e-3)
+    trainer = make_trainer(setup, args, rewards=[_reference_reward(ref_reward, refs)], image_cache=cache)
+    ids, mask = tokenize_captions([r[0] for r in data["captions"][:8]], tokenizer)
+    emb = cache[data["image_id"][:8]].float()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+
+    def nll() -> float:
+        with torch.no_grad():
+            return -(trainer.model.token_logprobs(emb, ids, mask).sum() / mask.sum()).item()
+
+    start = nll()
+    trainer.train()
+    sampled = trainer.state.log_history
+    assert all(e.get("rewards/reward/mean", 0.0) == 0.0 for e in sampled)  # no sample was a reference
+    if direction == "still":
+        assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    elif direction == "up":
+        assert nll() < start - 1e-3
+    else:
+        assert nll() > start + 1e-3
+    logs = {k: v for e in sampled for k, v in e.items()}
+    assert logs["train/gt_reward"] == pytest.approx(ref_reward)
+    negative = weighting in ("signed_reward", "advantage") and ref_reward < 0
+    assert logs["train/gt_negative_weight_share"] == (1.0 if negative else 0.0)
+
+
 def test_clear_errors_before_training(setup, tmp_path) -> None:
     data, scorer, cache, tokenizer = setup
     with pytest.raises(ValueError, match="'captions'.*gt_loss_weight"):
@@ -244,3 +300,39 @@ def test_unsupported_settings_fail_loudly(tmp_path) -> None:
     with pytest.raises(ValueError, match="multiple of num_generations"):
         make_args(tmp_path, baseline="greedy", per_device_train_batch_size=6, num_generations=4,
                   generation_batch_size=24)
+
+
+def test_selection_score_ranks_fluent_checkpoints_first(setup, world, tmp_path) -> None:
+    """``eval/selection_score`` is P@1 when grammar validity passes the threshold, P@1 - 1 when it does not."""
+    data, scorer, cache, tokenizer = setup
+    for threshold, penalty in ((0.0, 0.0), (1.01, 1.0)):
+        args = make_args(tmp_path, eval_coco_metrics=False, per_device_eval_batch_size=16, eval_num_beams=1,
+                         fluency_metric="grammar_valid", fluency_threshold=threshold)
+        metrics = make_trainer(setup, args, eval_dataset=data, world=world).evaluate()
+        assert 0.0 <= metrics["eval/grammar_valid"] <= 1.0
+        assert metrics["eval/selection_score"] == pytest.approx(metrics["eval/p_at_1_100"] - penalty)
+    args = make_args(tmp_path, eval_coco_metrics=False, fluency_metric="grammar_valid")
+    with pytest.raises(ValueError, match="'grammar_valid'.*world"):
+        make_trainer(setup, args, eval_dataset=data).evaluate()  # no world: no grammar validity
+    with pytest.raises(ValueError, match="'scene' column"):
+        make_trainer(setup, args, eval_dataset=data.remove_columns("scene"), world=world).evaluate()
+
+
+def test_load_best_model_at_end_keeps_the_best_selection_score(setup, world, tmp_path) -> None:
+    data, scorer, cache, tokenizer = setup
+    args = make_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                     save_steps=1, load_best_model_at_end=True, metric_for_best_model="selection_score",
+                     fluency_metric="grammar_valid", eval_coco_metrics=False, per_device_eval_batch_size=16,
+                     eval_num_beams=1, learning_rate=1e-2)
+    trainer = make_trainer(setup, args, eval_dataset=data, world=world)
+    trainer.train()
+    scores = {e["step"]: e["eval/selection_score"] for e in trainer.state.log_history if "eval/selection_score" in e}
+    assert sorted(scores) == [1, 2, 3, 4]
+    best_step = max(scores, key=lambda s: (scores[s], -s))  # the first of equal scores stays best
+    assert trainer.state.best_metric == pytest.approx(scores[best_step])
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(trainer.state.best_model_checkpoint, "model.safetensors"))
+    current = trainer.model.state_dict()
+    assert all(torch.equal(current[k], v) for k, v in saved.items())  # the run ends on the best checkpoint

@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from clip_rl_trl.baselines import BASELINES, make_baseline
+from clip_rl_trl.baselines import BASELINES, GT_WEIGHTINGS, make_baseline
 
-GT_WEIGHTINGS = ("advantage", "reward", "uniform")
 TRAIN_DECODINGS = ("sample", "greedy")
 
 
@@ -21,14 +20,25 @@ class CaptionRLConfig(GRPOConfig):
             ``"greedy"`` (self-critical: the reward of a greedy caption of the same image; Cho et al., Zhang et
             al.), ``"running_mean"`` (cumulative mean of past batches; DiscriTune), ``"ema"``, ``"none"``.
         baseline_momentum: momentum of the ``"ema"`` baseline.
-        gt_loss_weight: weight of Chaffin et al.'s ground-truth term ``-(r(gt) - b) mean_t log p(gt_t | I, gt_<t)``
-            (0 switches it off).
-        gt_weighting: the factor in front of the ground-truth log-likelihood: ``"advantage"`` (``r(gt) - b``, the
-            paper's), ``"reward"`` (``r(gt)``) or ``"uniform"`` (1: plain teacher forcing on the references).
+        gt_loss_weight: weight of Chaffin et al.'s ground-truth term ``-sum_k w_k log p(gt_k | I_k)``, reference
+            captions as extra teacher-forced trajectories (0 switches it off). Its tokens are aggregated like the
+            policy loss's (``loss_type``), so the two terms are on one scale.
+        gt_weighting: ``w_k`` (see :func:`~clip_rl_trl.baselines.ground_truth_weights`): ``"reward"``
+            (``max(r(gt), 0)``: the slides' reward weighting, kept a likelihood; the default), ``"signed_reward"``
+            (``r(gt)``, the slides' formula as written), ``"advantage"`` (``r(gt) - b``), ``"positive_advantage"``
+            (``max(r(gt) - b, 0)``), ``"softmax"`` (softmax of ``r(gt) / gt_temperature`` over an image's
+            references) or ``"uniform"`` (1: plain teacher forcing on the references).
+        gt_temperature: temperature of the ``"softmax"`` weighting.
         train_decoding: ``"sample"`` (the policy's distribution, with ``temperature`` / ``top_k`` / ``top_p``) or
             ``"greedy"`` (DiscriTune's training decoding; needs ``num_generations=1``).
         eval_num_beams: beam size of the evaluation captions.
         eval_coco_metrics: compute the pycocoevalcap metrics in :meth:`CaptionRLTrainer.evaluate` (needs Java).
+        selection_metric, fluency_metric, fluency_threshold: :meth:`CaptionRLTrainer.evaluate` logs
+            ``eval/selection_score``: ``selection_metric`` (a rate in [0, 1] such as ``p_at_1_100`` or
+            ``recall_at_1``) when ``fluency_metric`` (e.g. ``grammar_valid`` in the shapes world) is at least
+            ``fluency_threshold``, and ``selection_metric - 1`` when it is not, so every fluent checkpoint ranks
+            above every degenerate one. With ``metric_for_best_model="selection_score"`` and
+            ``load_best_model_at_end=True`` the run ends on its best fluent checkpoint, not its last.
         captions_column, image_column, image_id_column: dataset columns with the reference captions (a list of
             strings per row), the image (PIL or path; only needed by captioners that read pixels), and the
             image id (a key of the image-embedding cache).
@@ -39,12 +49,20 @@ class CaptionRLConfig(GRPOConfig):
     baseline: str = field(default="group", metadata={"help": f"one of {', '.join(BASELINES)}"})
     baseline_momentum: float = field(default=0.9, metadata={"help": "momentum of the 'ema' baseline"})
     gt_loss_weight: float = field(default=0.0, metadata={"help": "weight of the ground-truth RL term"})
-    gt_weighting: str = field(default="advantage", metadata={"help": f"one of {', '.join(GT_WEIGHTINGS)}"})
+    gt_weighting: str = field(default="reward", metadata={"help": f"one of {', '.join(GT_WEIGHTINGS)}"})
+    gt_temperature: float = field(default=0.1, metadata={"help": "temperature of gt_weighting='softmax'"})
     train_decoding: str = field(default="sample", metadata={"help": f"one of {', '.join(TRAIN_DECODINGS)}"})
     eval_num_beams: int = field(default=3, metadata={"help": "beam size for evaluation captions"})
     eval_coco_metrics: bool = field(
         default=True, metadata={"help": "BLEU / METEOR / ROUGE-L / CIDEr in evaluation (needs Java)"}
     )
+    selection_metric: str = field(
+        default="p_at_1_100", metadata={"help": "evaluation metric (a rate in [0, 1]) that selection_score ranks by"}
+    )
+    fluency_metric: str | None = field(
+        default=None, metadata={"help": "evaluation metric a checkpoint must keep >= fluency_threshold to be selected"}
+    )
+    fluency_threshold: float = field(default=0.95, metadata={"help": "see fluency_metric"})
     captions_column: str = field(default="captions", metadata={"help": "column of reference captions"})
     image_column: str = field(default="image", metadata={"help": "column of images"})
     image_id_column: str = field(default="image_id", metadata={"help": "column of image ids"})
@@ -77,6 +95,8 @@ class CaptionRLConfig(GRPOConfig):
             raise ValueError(
                 f"train_decoding must be one of {', '.join(TRAIN_DECODINGS)}, got {self.train_decoding!r}"
             )
+        if self.gt_temperature <= 0:
+            raise ValueError(f"gt_temperature must be > 0, got {self.gt_temperature}")
         if self.gt_loss_weight < 0:
             raise ValueError(f"gt_loss_weight must be >= 0, got {self.gt_loss_weight}")
         if self.eval_num_beams < 1:

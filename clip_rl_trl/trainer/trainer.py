@@ -29,7 +29,7 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
-from clip_rl_trl.baselines import make_baseline
+from clip_rl_trl.baselines import ground_truth_weights, make_baseline
 from clip_rl_trl.clip import ClipScorer
 from clip_rl_trl.embeddings import ImageEmbeddingCache
 from clip_rl_trl.evaluation import evaluate_captions
@@ -56,6 +56,8 @@ class CaptionRLTrainer(GRPOTrainer):
         image_cache: the image-embedding cache the rewards and ClipCap read (defaults to a reward's cache).
         scorer: the CLIP scorer for in-batch metrics (defaults to a reward's scorer).
         policy: a :class:`CaptionPolicy` for a captioner family the library does not know.
+        world: a world whose parser and scenes give ``grammar_valid`` and the attribute metrics in
+            :meth:`evaluate` (the shapes world; the evaluation rows then need a ``scene`` column).
     """
 
     _tag_names = ["trl", "grpo", "clip-rl-trl", "image-captioning", "distinctive-captioning"]
@@ -72,6 +74,7 @@ class CaptionRLTrainer(GRPOTrainer):
         image_cache: ImageEmbeddingCache | None = None,
         scorer: ClipScorer | None = None,
         policy: CaptionPolicy | None = None,
+        world: Any = None,
         callbacks: list | None = None,
         optimizers: tuple = (None, None),
         peft_config: Any = None,
@@ -137,6 +140,7 @@ class CaptionRLTrainer(GRPOTrainer):
         self.beta = beta
         self.ref_model = None if reference is None else reference.to(self.accelerator.device)
         self._loss_image_inputs: dict[str, torch.Tensor] | None = None
+        self.world = world
         self.last_eval_metrics: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ checks
@@ -302,7 +306,7 @@ class CaptionRLTrainer(GRPOTrainer):
         """Chaffin et al.'s ground-truth trajectories: sample k of an image is paired with one of its references.
 
         References rotate with the step so every one is used over training. Each is scored with the same
-        rewards, and weighted by ``r(gt) - b`` (``gt_weighting="advantage"``), ``r(gt)`` or 1.
+        rewards and weighted by :func:`~clip_rl_trl.baselines.ground_truth_weights` (``gt_weighting``).
         """
         args = self.args
         gt_texts = []
@@ -312,14 +316,20 @@ class CaptionRLTrainer(GRPOTrainer):
                 raise ValueError(f"image {row[args.image_id_column]!r} has no reference captions")
             gt_texts.append(refs[(k % num_generations + self.state.global_step) % len(refs)])
         gt_rewards = self._weighted(self._score(gt_texts, inputs))
-        b = image_baseline.repeat_interleave(num_generations)
-        weights = {"advantage": gt_rewards - b, "reward": gt_rewards, "uniform": torch.ones_like(gt_rewards)}
+        weights = ground_truth_weights(
+            gt_rewards, image_baseline, num_generations, args.gt_weighting, args.gt_temperature
+        )
         gt_ids, gt_mask = tokenize_captions(gt_texts, self.caption_tokenizer)
-        self._metrics["train"]["train/gt_reward"].append(gt_rewards.mean().item())
+        gt_mask = gt_mask.to(device)
+        metrics = self._metrics["train"]
+        metrics["train/gt_reward"].append(gt_rewards.mean().item())
+        metrics["train/gt_weight"].append(weights.mean().item())
+        metrics["train/gt_negative_weight_share"].append((weights < 0).float().mean().item())
         return {
             "gt_ids": gt_ids.to(device),
-            "gt_mask": gt_mask.to(device),
-            "gt_weights": self._local(weights[args.gt_weighting], len(inputs)).to(device),
+            "gt_mask": gt_mask,
+            "gt_weights": self._local(weights, len(inputs)).to(device),
+            "gt_num_items": self.accelerator.gather(gt_mask.sum()).sum(),
         }
 
     def _update_discriminators(self, texts: list[str], inputs: list[dict[str, Any]]) -> None:
@@ -403,18 +413,45 @@ class CaptionRLTrainer(GRPOTrainer):
         logps, entropies = self._token_logps(model, self._loss_image_inputs, ids, mask)
         return logps, (entropies if compute_entropy else None), None
 
+    def _aggregate_like_policy(
+        self, per_token: torch.Tensor, mask: torch.Tensor, num_items: torch.Tensor, mode: str
+    ) -> torch.Tensor:
+        """Reduce a ``(B, T)`` per-token loss exactly as ``GRPOTrainer._compute_loss`` reduces the policy loss.
+
+        Written out because TRL keeps this reduction inline for its own policy term (TRL 1.16); the ground-truth
+        term then weighs each token as the policy term does, whatever ``loss_type`` is.
+        """
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        masked = per_token * mask
+        loss_type = self.loss_type
+        if loss_type in ("grpo", "sapo"):
+            return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+        if loss_type == "luspo":
+            return masked.sum(-1).mean() / accumulation
+        if loss_type == "bnpo":
+            return masked.sum() / mask.sum().clamp(min=1.0) / accumulation
+        if loss_type == "dr_grpo":
+            return masked.sum() / (per_token.size(0) * self.max_completion_length) / accumulation
+        # dapo, cispo, vespo: token sum over the generation batch, as TRL rescales num_items_in_batch.
+        normalizer = num_items.clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return masked.sum() / normalizer
+
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         self._loss_image_inputs = {key: inputs[key] for key in self.policy.input_keys}
         try:
             loss = super()._compute_loss(model, inputs)
             if "gt_ids" in inputs:
-                logps, _ = self._token_logps(model, self._loss_image_inputs, inputs["gt_ids"], inputs["gt_mask"])
-                per_caption = logps.sum(dim=1) / inputs["gt_mask"].sum(dim=1).clamp(min=1)
-                gt_loss = -(inputs["gt_weights"] * per_caption).mean()
                 mode = "train" if self.model.training else "eval"
-                normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-                loss = loss + self.args.gt_loss_weight * gt_loss / normalizer
-                self._metrics[mode]["train/gt_loss"].append(self.accelerator.gather(gt_loss.detach()).mean().item())
+                mask = inputs["gt_mask"]
+                logps, _ = self._token_logps(model, self._loss_image_inputs, inputs["gt_ids"], mask)
+                per_token = -inputs["gt_weights"].unsqueeze(1) * logps
+                gt_loss = self._aggregate_like_policy(per_token, mask, inputs["gt_num_items"], mode)
+                loss = loss + self.args.gt_loss_weight * gt_loss
+                accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+                logged = self.accelerator.gather((gt_loss * accumulation).detach()).mean().item()
+                self._metrics[mode]["train/gt_loss"].append(logged)
         finally:
             self._loss_image_inputs = None
         return loss
@@ -454,7 +491,9 @@ class CaptionRLTrainer(GRPOTrainer):
         """Beam-search captions for every distinct image of the evaluation set, scored by ``evaluate_captions``.
 
         Logs ``<prefix>/<metric>`` (``eval/recall_at_1``, ``eval/p_at_1_100``, ``eval/cider``, ...) and keeps the
-        metrics for the model card.
+        metrics for the model card. With a ``world`` the shapes-world metrics (``grammar_valid``, attribute
+        precision and recall) join them; ``eval/selection_score`` ranks checkpoints for
+        ``metric_for_best_model="selection_score"`` (see ``CaptionRLConfig.fluency_metric``).
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
@@ -472,12 +511,51 @@ class CaptionRLTrainer(GRPOTrainer):
             captions += self._decode(ids, completion_mask(ids, eos))
         refs = [row[args.captions_column] for row in rows] if args.captions_column in rows[0] else None
         image_emb = self.image_cache[[row[args.image_id_column] for row in rows]].float()
-        metrics = evaluate_captions(captions, image_emb, self.scorer, refs=refs, coco_metrics=args.eval_coco_metrics)
-        scalars = {f"{metric_key_prefix}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        world_kwargs = {}
+        if self.world is not None:
+            if "scene" not in rows[0]:
+                raise ValueError("evaluate with a world needs a 'scene' column in the evaluation dataset")
+            world_kwargs = {"world": self.world, "scenes": [row["scene"] for row in rows]}
+        metrics = evaluate_captions(captions, image_emb, self.scorer, refs=refs, coco_metrics=args.eval_coco_metrics,
+                                    **world_kwargs)
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        selection = self._selection_score(numeric)
+        if selection is not None:
+            numeric["selection_score"] = selection
+        scalars = {f"{metric_key_prefix}/{k}": v for k, v in numeric.items()}
         self.log(scalars)
-        self.last_eval_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.last_eval_metrics = numeric
         self.last_eval_captions = captions
         return scalars
+
+    def _selection_score(self, metrics: Mapping[str, float]) -> float | None:
+        """``selection_metric``, minus 1 when ``fluency_metric`` is below ``fluency_threshold`` (see the config).
+
+        None when this evaluation lacks ``selection_metric`` and nothing selects by it; a missing metric that
+        selection needs is an error naming it.
+        """
+        args = self.args
+        selecting = (args.metric_for_best_model or "").removeprefix("eval_") == "selection_score"
+        needed = [args.fluency_metric] if args.fluency_metric is not None else []
+        if selecting or args.selection_metric in metrics:
+            needed.append(args.selection_metric)
+        missing = [key for key in needed if key not in metrics]
+        if missing:
+            raise ValueError(
+                f"checkpoint selection needs the evaluation metric(s) {missing}, which this evaluation did not "
+                f"compute (a world and a 'scene' column give grammar_valid); it has {sorted(metrics)}"
+            )
+        if args.selection_metric not in metrics:
+            return None
+        score = metrics[args.selection_metric]
+        if args.fluency_metric is not None and metrics[args.fluency_metric] < args.fluency_threshold:
+            score -= 1.0
+        return score
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        # The evaluation logs stable "eval/<name>" keys; Trainer looks up metric_for_best_model as "eval_<name>".
+        aliased = {**metrics, **{f"eval_{k[len('eval/'):]}": v for k, v in metrics.items() if k.startswith("eval/")}}
+        return super()._determine_best_metric(aliased, trial)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags: Any = None):
         """Write ``README.md`` in ``output_dir``: captioner, rewards and weights, baseline, last metrics, papers."""

@@ -1,0 +1,410 @@
+"""Long-training study: does regularised RL stay fluent, faithful and distinctive? Curves over 200+ steps.
+
+Every recipe fine-tunes the demo's MLE-trained tiny ClipCap (``clip_rl_trl.demo``) at the demo's batch (32
+images x 4 samples, or 128 images x 1 sample for the single-sample recipes), learning rate and baseline, and is
+evaluated every ``--eval-every`` steps with greedy captions of two held-out splits of the shapes world:
+
+- ``val`` (200 scenes): where checkpoints and settings are selected;
+- ``test`` (200 scenes, the demo's): what is reported.
+
+Metrics per evaluation (``evaluate_captions``' names): ``p_at_1_100``, ``recall_at_1``, ``grammar_valid``,
+``attribute_precision``, ``attribute_recall``, ``distinct_2``, plus ``mean_length`` (words) and ``cider_d``
+(CIDEr-D against the split's references, document frequencies from that split, as pycocoevalcap does).
+
+Rows (Chaffin et al.'s weights 0.94 / 0.06; Cho et al.'s CLIP-S + 2 grammar; Zhang et al.'s 0.1 CIDEr-D + 10
+GEG over K = 5 Eq. 2 groups of *training* scenes; DiscriTune's retrieval reward with running-mean baseline and
+greedy training decoding). ``GT`` is Chaffin et al.'s ground-truth term with the weighting in brackets; rows
+marked ``sweep`` run the first seed only.
+
+Each evaluation is appended to ``--output`` (JSON lines) as soon as it is made: ``{"recipe", "seed", "step",
+"run", <test metrics>, "val": {<val metrics>}, "seconds"}``. A rerun skips every (recipe, seed) whose last step
+is recorded and restarts the others (records of an unfinished attempt are ignored by the report), so the study
+can be run in parts and in parallel (``--shard 0/2`` and ``--shard 1/2`` in two processes, one torch thread
+each)::
+
+    python benchmarks/long_training.py run --seeds 0 1 2 --shard 0/2
+    python benchmarks/long_training.py report      # figures + table from the JSON lines
+
+``report`` writes ``long_training.md`` (steps to degeneration, best val-selected and final P@1 at grammar >=
+0.95, per recipe), ``long_training_curves.png`` and ``long_training_tradeoff.png`` next to the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_OUTPUT = Path(__file__).with_name("long_training.jsonl")
+METRICS = ("p_at_1_100", "recall_at_1", "grammar_valid", "attribute_precision", "attribute_recall", "distinct_2")
+FLUENT = 0.95  # grammar validity a checkpoint needs to be selected ("best fluent checkpoint")
+DEGENERATE = 0.9  # grammar validity below which a run counts as degenerated
+
+Rewards = list[tuple[Any, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    rewards: Callable[[Any, Any, int], Rewards]  # (prepared world, DemoConfig, seed) -> (reward, weight) pairs
+    overrides: dict[str, Any]  # CaptionRLConfig fields
+    sweep: bool = False  # one seed only
+
+
+def _cider(p: Any, weight: float = 1.0) -> Rewards:
+    from clip_rl_trl.rewards.callables import CiderReward
+    from clip_rl_trl.rewards.cider import CiderD
+
+    return [(CiderReward(CiderD(p.train["captions"])), weight)]
+
+
+def _geg(p: Any, weight: float = 1.0) -> Rewards:
+    """GEG against Zhang et al.'s Eq. 2 groups (K = 5) built among the training scenes only."""
+    from clip_rl_trl.neighbors import similar_image_groups
+    from clip_rl_trl.rewards.callables import GroupGapReward
+
+    ids = p.train["image_id"]
+    refs = p.train["captions"]
+    text = p.scorer.encode_texts([c for caps in refs for c in caps]).float()
+    owner = torch.tensor([i for i, caps in enumerate(refs) for _ in caps])
+    groups = similar_image_groups(p.cache[ids].float(), k=5, text_emb=text, text_owner=owner)
+    by_id = {ids[i]: [ids[j] for j in row] for i, row in enumerate(groups.tolist())}
+    return [(GroupGapReward(p.scorer, p.cache, by_id), weight)]
+
+
+def _clip_s(p: Any, c: Any, seed: int) -> Rewards:
+    from clip_rl_trl.rewards.callables import ClipSReward
+
+    return [(ClipSReward(p.scorer, p.cache), 1.0)]
+
+
+def _clip_s_grammar(p: Any, c: Any, seed: int) -> Rewards:
+    from clip_rl_trl.rewards.callables import ClipSReward, GrammarReward
+    from clip_rl_trl.rewards.grammar import train_grammar_head
+
+    emb = p.cache[p.train["image_id"]].float()
+    scorer, head = train_grammar_head(p.scorer, emb, p.train["captions"], seed=seed, progress=False)
+    return [(ClipSReward(scorer, p.cache), 1.0), (GrammarReward(scorer, head), 2.0)]
+
+
+def _retrieval(p: Any, c: Any, seed: int) -> Rewards:
+    from clip_rl_trl.rewards.callables import RetrievalReward
+
+    return [(RetrievalReward(p.scorer, p.cache), 1.0)]
+
+
+def _bidirectional(directions: str = "both", discriminator: bool = False) -> Callable[[Any, Any, int], Rewards]:
+    def build(p: Any, c: Any, seed: int) -> Rewards:
+        from clip_rl_trl.demo import chaffin_rewards
+        from clip_rl_trl.rewards.callables import BidirectionalReward
+
+        bidirectional = BidirectionalReward(p.scorer, p.cache, directions=directions)
+        if not discriminator:
+            return [(bidirectional, 1.0)]
+        _, disc = chaffin_rewards(p, c.replace(seed=seed))
+        return [(bidirectional, c.bidirectional_weight), disc]
+
+    return build
+
+
+SCST = {"baseline": "greedy", "num_generations": 1}
+NO_GT = {"gt_loss_weight": 0.0}
+# The rows that decide the defaults come first, so a partial study already answers the main question.
+ROWS: dict[str, Row] = {
+    "full": Row(_bidirectional(discriminator=True), {}),
+    "bidirectional alone": Row(_bidirectional(), NO_GT),
+    "bidirectional + discriminator": Row(_bidirectional(discriminator=True), NO_GT),
+    "bidirectional + GT (reward)": Row(_bidirectional(), {"gt_weighting": "reward"}),
+    "CLIP-S": Row(_clip_s, SCST),
+    "CLIP-S + grammar": Row(_clip_s_grammar, SCST),
+    "GEG-sole": Row(lambda p, c, s: _geg(p), SCST),
+    "GEG + CIDEr": Row(lambda p, c, s: _cider(p, 0.1) + _geg(p, 10.0), SCST),
+    "SCST-CIDEr": Row(lambda p, c, s: _cider(p), SCST),
+    "DiscriTune": Row(_retrieval, {"baseline": "running_mean", "num_generations": 1, "train_decoding": "greedy"}),
+    "full i2t-only": Row(_bidirectional("i2t", discriminator=True), {}),
+    "full t2i-only": Row(_bidirectional("t2i", discriminator=True), {}),
+    "full + KL": Row(_bidirectional(discriminator=True), {"beta": 0.05}),
+    **{
+        f"bidirectional + GT ({w})": Row(_bidirectional(), {"gt_weighting": w}, sweep=True)
+        for w in ("signed_reward", "advantage", "positive_advantage", "softmax", "uniform")
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+
+class Evaluator:
+    """Greedy captions of the val and test scenes, scored with ``evaluate_captions`` and CIDEr-D."""
+
+    def __init__(self, prepared: Any, config: Any, n_val: int) -> None:
+        from clip_rl_trl.embeddings import ImageEmbeddingCache
+        from clip_rl_trl.rewards.cider import CiderD
+
+        val = prepared.world.to_dataset(n_val, "val")
+        val_cache = ImageEmbeddingCache.build(val.select_columns(["image", "image_id"]), prepared.scorer,
+                                              progress=False)
+        self.prepared, self.config = prepared, config
+        self.splits = {
+            "val": (val_cache[val["image_id"]].float(), val["captions"], val["scene"]),
+            "test": (prepared.cache[prepared.test["image_id"]].float(), prepared.test["captions"],
+                     prepared.test["scene"]),
+        }
+        self.cider = {name: CiderD(refs) for name, (_, refs, _) in self.splits.items()}
+
+    def __call__(self, model: Any) -> dict[str, dict[str, float]]:
+        from clip_rl_trl.demo import caption_images
+        from clip_rl_trl.evaluation.evaluate import evaluate_captions
+
+        p, out = self.prepared, {}
+        for name, (emb, refs, scenes) in self.splits.items():
+            captions = caption_images(model, p.tokenizer, emb, num_beams=1, max_new_tokens=self.config.max_tokens)
+            m = evaluate_captions(captions, emb, p.scorer, world=p.world, scenes=scenes, coco_metrics=False,
+                                  seed=self.config.seed)
+            metrics = {k: float(m[k]) for k in METRICS if k in m}
+            metrics["mean_length"] = sum(len(c.split()) for c in captions) / len(captions)
+            metrics["cider_d"] = float(self.cider[name].score(captions, refs).mean())
+            metrics["example"] = captions[0]
+            out[name] = metrics
+        return out
+
+
+def done_runs(path: Path, steps: int) -> set[tuple[str, int]]:
+    """(recipe, seed) pairs whose step ``steps`` is recorded."""
+    return {(r["recipe"], r["seed"]) for r in read_records(path) if r["step"] >= steps}
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every record of the finished attempts (the latest attempt per recipe and seed), in file order."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    last_step: dict[str, int] = {}
+    for r in records:
+        last_step[r["run"]] = max(last_step.get(r["run"], -1), r["step"])
+    finished: dict[tuple[str, int], str] = {}
+    for r in records:  # the latest finished attempt wins
+        if last_step[r["run"]] == r["steps"]:
+            finished[(r["recipe"], r["seed"])] = r["run"]
+    return [r for r in records if finished.get((r["recipe"], r["seed"])) == r["run"]]
+
+
+def run_one(prepared: Any, config: Any, evaluator: Evaluator, name: str, seed: int, args: argparse.Namespace,
+            before: dict[str, dict[str, float]]) -> None:
+    from transformers import TrainerCallback
+
+    from clip_rl_trl.demo import fine_tune
+
+    row = ROWS[name]
+    settings = {"seed": seed, **row.overrides}
+    generations = settings.pop("num_generations", config.num_generations)
+    # Single-sample rows see as many captions per step as the group rows: G times more images.
+    images = config.images_per_step * config.num_generations // generations
+    run_config = config.replace(images_per_step=images, num_generations=generations, steps=args.steps, seed=seed)
+    attempt = uuid.uuid4().hex[:12]
+    start = time.perf_counter()
+    where = f"{platform.node()} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
+    if torch.cuda.is_available():
+        where = torch.cuda.get_device_name()
+
+    def record(step: int, metrics: dict[str, dict[str, float]]) -> None:
+        entry = {"recipe": name, "seed": seed, "step": step, "steps": args.steps, "run": attempt,
+                 **metrics["test"], "val": metrics["val"], "seconds": round(time.perf_counter() - start, 1),
+                 "device": where}
+        with args.output.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        t, v = metrics["test"], metrics["val"]
+        print(f"{name} seed {seed} step {step}: test P@1 {t['p_at_1_100']:.3f} grammar {t['grammar_valid']:.3f} "
+              f"precision {t.get('attribute_precision', float('nan')):.3f} | val P@1 {v['p_at_1_100']:.3f} "
+              f"grammar {v['grammar_valid']:.3f} | {t['example']!r} ({entry['seconds']:.0f} s)", flush=True)
+
+    class Curve(TrainerCallback):
+        def on_step_end(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step % args.eval_every == 0 or state.global_step == args.steps:
+                record(state.global_step, evaluator(kwargs["model"]))
+
+    record(0, before)
+    fine_tune(prepared, run_config, Path(f"/tmp/long_training/{name}-{seed}"), progress=False,
+                        rewards=row.rewards(prepared, run_config, seed), callbacks=[Curve()], **settings)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from clip_rl_trl.demo import DemoConfig, prepare
+
+    torch.set_num_threads(args.threads)
+    config = DemoConfig()
+    runs = [(name, seed) for name in args.rows for seed in (args.seeds[:1] if ROWS[name].sweep else args.seeds)]
+    index, count = (int(x) for x in args.shard.split("/"))
+    runs = runs[index::count]
+    done = done_runs(args.output, args.steps)
+    todo = [run for run in runs if run not in done]
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs already recorded; {len(todo)} to go", flush=True)
+    if not todo:
+        return
+    prepared = prepare(config, progress=False)
+    evaluator = Evaluator(prepared, config, args.n_val)
+    before = evaluator(prepared.captioner)
+    for name, seed in todo:
+        run_one(prepared, config, evaluator, name, seed, args, before)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per recipe: steps to degeneration, val-selected best fluent P@1, final P@1, each as mean ± sd over seeds."""
+    by_run: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        by_run.setdefault((r["recipe"], r["seed"]), []).append(r)
+    table: dict[str, dict[str, Any]] = {}
+    for (recipe, seed), rs in sorted(by_run.items(), key=lambda kv: (list(ROWS).index(kv[0][0])
+                                                                     if kv[0][0] in ROWS else 99, kv[0][1])):
+        rs.sort(key=lambda r: r["step"])
+        last = rs[-1]
+        degenerate = next((r["step"] for r in rs if r["grammar_valid"] < DEGENERATE), None)
+        fluent = [r for r in rs if r["step"] > 0 and r["val"]["grammar_valid"] >= FLUENT]
+        best = max(fluent, key=lambda r: (r["val"]["p_at_1_100"], -r["step"])) if fluent else None
+        entry = table.setdefault(recipe, {"seeds": [], "degenerate": [], "steps": last["steps"], "best": [],
+                                          "best_step": [], "final": [], "final_grammar": [], "final_precision": []})
+        entry["seeds"].append(seed)
+        entry["degenerate"].append(degenerate)
+        entry["best"].append(best["p_at_1_100"] if best else None)
+        entry["best_step"].append(best["step"] if best else None)
+        entry["final"].append(last["p_at_1_100"])
+        entry["final_grammar"].append(last["grammar_valid"])
+        entry["final_precision"].append(last.get("attribute_precision", float("nan")))
+    return table
+
+
+def _fmt(values: list[float | None], digits: int = 3) -> str:
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return "–"
+    mean, sd = _mean_sd(defined)
+    text = f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if len(defined) > 1 else "")
+    return text + (f" ({len(defined)}/{len(values)})" if len(defined) < len(values) else "")
+
+
+def markdown(table: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| recipe | seeds | steps to degeneration (grammar < 0.9) | best fluent P@1 (val-selected step) | "
+        "final P@1 | final grammar | final attribute precision |",
+        "|---|---:|---|---|---|---|---|",
+    ]
+    for recipe, e in table.items():
+        degen = ", ".join(str(d) if d is not None else f"> {e['steps']}" for d in e["degenerate"])
+        steps = ", ".join(str(s) if s is not None else "–" for s in e["best_step"])
+        lines.append(f"| {recipe} | {len(e['seeds'])} | {degen} | {_fmt(e['best'])} (steps {steps}) | "
+                     f"{_fmt(e['final'])} | {_fmt(e['final_grammar'])} | {_fmt(e['final_precision'])} |")
+    return "\n".join(lines)
+
+
+def plots(records: list[dict[str, Any]], output: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = [name for name in ROWS if any(r["recipe"] == name for r in records)]
+    keys = (("p_at_1_100", "P@1 among 100"), ("grammar_valid", "grammar validity"),
+            ("attribute_precision", "attribute precision"))
+    cols = 4
+    rows_ = math.ceil(len(recipes) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.2 * rows_), squeeze=False, sharey=True)
+    for ax, recipe in zip(axes.flat, recipes, strict=False):
+        rs = [r for r in records if r["recipe"] == recipe]
+        for (key, label), colour in zip(keys, ("C0", "C2", "C3"), strict=True):
+            steps = sorted({r["step"] for r in rs})
+            values = [[r[key] for r in rs if r["step"] == s and key in r] for s in steps]
+            mean = [sum(v) / len(v) for v in values]
+            low = [min(v) for v in values]
+            high = [max(v) for v in values]
+            ax.plot(steps, mean, color=colour, label=label)
+            ax.fill_between(steps, low, high, color=colour, alpha=0.2)
+        seeds = len({r["seed"] for r in rs})
+        ax.set_title(f"{recipe} ({seeds} seed{'s' if seeds > 1 else ''})", fontsize=9)
+        ax.axhline(DEGENERATE, color="gray", lw=0.5, ls=":")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("RL step")
+    for ax in list(axes.flat)[len(recipes):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Held-out test scenes, greedy captions: mean over seeds, band = min..max", fontsize=10)
+    fig.tight_layout()
+    curves = output.with_name(output.stem + "_curves.png")
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    for i, recipe in enumerate(recipes):
+        rs = [r for r in records if r["recipe"] == recipe]
+        steps = sorted({r["step"] for r in rs})
+        x = [sum(r["grammar_valid"] for r in rs if r["step"] == s) / sum(r["step"] == s for r in rs) for s in steps]
+        y = [sum(r["p_at_1_100"] for r in rs if r["step"] == s) / sum(r["step"] == s for r in rs) for s in steps]
+        colour = f"C{i % 10}"
+        ls = "-" if i < 10 else "--"
+        ax.plot(x, y, ls, color=colour, marker=".", ms=3, lw=1, label=recipe)
+        ax.plot(x[-1], y[-1], "o", color=colour, ms=6)
+    ax.set_xlabel("grammar validity (test)")
+    ax.set_ylabel("P@1 among 100 (test)")
+    ax.set_title("Trade-off over training (mean over seeds; dot = last step)", fontsize=10)
+    ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    tradeoff = output.with_name(output.stem + "_tradeoff.png")
+    fig.savefig(tradeoff, dpi=110)
+    plt.close(fig)
+    return [curves, tradeoff]
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    records = read_records(args.output)
+    if not records:
+        raise SystemExit(f"{args.output} holds no finished run")
+    text = markdown(summarise(records))
+    devices = sorted({r.get("device", "?") for r in records})
+    text += f"\n\nFrom {args.output.name}; measured on: {', '.join(devices)}.\n"
+    args.output.with_suffix(".md").write_text(text)
+    files = plots(records, args.output)
+    print(text)
+    print("wrote", args.output.with_suffix(".md"), *files)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and evaluate the recipes, appending to --output")
+    run.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run.add_argument("--steps", type=int, default=200)
+    run.add_argument("--eval-every", type=int, default=20)
+    run.add_argument("--n-val", type=int, default=200, help="validation scenes (>= 100 for P@1 among 100)")
+    run.add_argument("--shard", default="0/1", help="K/N: run every N-th of the runs, starting at the K-th")
+    run.add_argument("--threads", type=int, default=1, help="torch threads (one per process on a shared CPU)")
+    run.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    run.set_defaults(func=cmd_run)
+    report = sub.add_parser("report", help="table and figures from --output")
+    report.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    report.set_defaults(func=cmd_report)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
