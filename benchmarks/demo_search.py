@@ -1,7 +1,8 @@
 """Search the balance of the demo's regularisers and record the distinctiveness / fluency trade-off.
 
 Each point is one fine-tuning run of ``clip_rl_trl.demo`` (Chaffin et al.'s recipe on the shapes world) with some
-``DemoConfig`` fields changed; it reports greedy-vs-beam test metrics before and after. Points run as separate
+``DemoConfig`` fields changed; it reports metrics of the validation scenes before and after (settings are
+chosen on them, never on the test scenes; results recorded before 2026-12 used the test scenes). Points run as separate
 processes (``--jobs`` at a time, ``--threads`` torch threads each); the MLE captioner and tiny CLIP are prepared
 once first, so every point starts from the same cached captioner.
 
@@ -36,9 +37,9 @@ def run_point(name: str, changes: dict, threads: int) -> dict:
     config = DemoConfig().replace(**changes)
     start = time.perf_counter()
     prepared = prepare(config, progress=False)
-    before, _ = evaluate_test(prepared, prepared.captioner, config, full=False)
+    before, _ = evaluate_test(prepared, prepared.captioner, config, full=False, split="val")
     trainer = fine_tune(prepared, config, Path("/tmp") / f"demo_search_{name}", progress=False)
-    after, captions = evaluate_test(prepared, trainer.model, config, full=False)
+    after, captions = evaluate_test(prepared, trainer.model, config, full=False, split="val")
     curve = [
         {k: v for k, v in entry.items() if k == "step" or k.startswith("eval/")}
         for entry in trainer.state.log_history

@@ -146,18 +146,13 @@ ROWS: dict[str, Row] = {
 class Evaluator:
     """Greedy captions of the val and test scenes, scored with ``evaluate_captions`` and CIDEr-D."""
 
-    def __init__(self, prepared: Any, config: Any, n_val: int) -> None:
-        from clip_rl_trl.embeddings import ImageEmbeddingCache
+    def __init__(self, prepared: Any, config: Any) -> None:
         from clip_rl_trl.rewards.cider import CiderD
 
-        val = prepared.world.to_dataset(n_val, "val")
-        val_cache = ImageEmbeddingCache.build(val.select_columns(["image", "image_id"]), prepared.scorer,
-                                              progress=False)
         self.prepared, self.config = prepared, config
         self.splits = {
-            "val": (val_cache[val["image_id"]].float(), val["captions"], val["scene"]),
-            "test": (prepared.cache[prepared.test["image_id"]].float(), prepared.test["captions"],
-                     prepared.test["scene"]),
+            name: (prepared.cache[data["image_id"]].float(), data["captions"], data["scene"])
+            for name, data in (("val", prepared.val), ("test", prepared.test))
         }
         self.cider = {name: CiderD(refs) for name, (_, refs, _) in self.splits.items()}
 
@@ -243,7 +238,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from clip_rl_trl.demo import DemoConfig, prepare
 
     torch.set_num_threads(args.threads)
-    config = DemoConfig()
+    config = DemoConfig(n_val=args.n_val)
     runs = [(name, seed) for name in args.rows for seed in (args.seeds[:1] if ROWS[name].sweep else args.seeds)]
     index, count = (int(x) for x in args.shard.split("/"))
     runs = runs[index::count]
@@ -253,7 +248,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     if not todo:
         return
     prepared = prepare(config, progress=False)
-    evaluator = Evaluator(prepared, config, args.n_val)
+    evaluator = Evaluator(prepared, config)
     before = evaluator(prepared.captioner)
     for name, seed in todo:
         run_one(prepared, config, evaluator, name, seed, args, before)

@@ -43,6 +43,7 @@ class DemoConfig:
 
     seed: int = 0
     n_train: int = 2000  # training scenes (RL and MLE)
+    n_val: int = 200  # validation scenes: where settings and checkpoints are selected, never the test scenes
     n_test: int = 200  # held-out scenes, evaluated before and after (P@1 draws 99 distractors among them)
     max_tokens: int = 24  # longest caption; the full two-object caption is 21 words
     # The captioner: a tiny ClipCap (GPT-2 from a config + the world's word tokenizer), MLE on human captions.
@@ -73,8 +74,10 @@ class DemoConfig:
     eval_num_beams: int = 3
 
     def __post_init__(self) -> None:
-        if self.n_test < 100:
-            raise ValueError(f"n_test must be >= 100 (P@1 among 100 needs 99 distractors), got {self.n_test}")
+        for name in ("n_val", "n_test"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 100:
+                raise ValueError(f"{name} must be >= 100 (P@1 among 100 needs 99 distractors), got {value!r}")
         for name in ("n_train", "steps", "images_per_step", "num_generations", "eval_every", "mle_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -93,7 +96,8 @@ class Prepared:
     scorer: ClipScorer
     cache: ImageEmbeddingCache
     train: Any  # datasets.Dataset without images: image_id, captions
-    test: Any  # datasets.Dataset with images and scenes
+    val: Any  # datasets.Dataset with images and scenes, for selection
+    test: Any  # datasets.Dataset with images and scenes, for the reported numbers
     tokenizer: Any
     captioner: ClipCapModel
 
@@ -153,14 +157,13 @@ def prepare(config: DemoConfig, cache_dir: Path | None = None, progress: bool = 
     world = ShapesWorld(seed=config.seed)
     scorer = world.train_clip(cache_dir=cache_dir, progress=progress)
     train = world.to_dataset(config.n_train, "train")
+    val = world.to_dataset(config.n_val, "val")
     test = world.to_dataset(config.n_test, "test")
-    cache = ImageEmbeddingCache.build(
-        _concat(train, test), scorer, progress=progress
-    )
+    cache = ImageEmbeddingCache.build(_concat(train, val, test), scorer, progress=progress)
     train = train.remove_columns(["image", "scene", "full_caption"])
     tokenizer = world.word_tokenizer()
     captioner = _mle_captioner(config, world, scorer, cache, train, tokenizer, cache_dir, progress)
-    return Prepared(world, scorer, cache, train, test, tokenizer, captioner)
+    return Prepared(world, scorer, cache, train, val, test, tokenizer, captioner)
 
 
 def _concat(*parts: Any) -> Any:
@@ -191,11 +194,15 @@ def caption_images(
 
 
 def evaluate_test(
-    prepared: Prepared, model: ClipCapModel, config: DemoConfig, *, full: bool = True, num_beams: int | None = None
+    prepared: Prepared, model: ClipCapModel, config: DemoConfig, *, full: bool = True, num_beams: int | None = None,
+    split: str = "test",
 ) -> tuple[dict[str, Any], list[str]]:
-    """Caption the test scenes (beam search) and score them; ``full=False`` skips the reference-based metrics."""
+    """Caption the held-out scenes of ``split`` (``"test"``, or ``"val"`` for selection; beam search) and score
+    them; ``full=False`` skips the reference-based metrics."""
     num_beams = config.eval_num_beams if num_beams is None else num_beams
-    test = prepared.test
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    test = prepared.val if split == "val" else prepared.test
     image_emb = prepared.cache[test["image_id"]].float()
     captions = caption_images(
         model, prepared.tokenizer, image_emb, num_beams=num_beams, max_new_tokens=config.max_tokens

@@ -22,6 +22,7 @@ def test_quick_changes_only_demo_fields() -> None:
     ("changes", "message"),
     [
         ({"n_test": 50}, "n_test must be >= 100"),
+        ({"n_val": 99}, "n_val must be >= 100"),
         ({"steps": 0}, "steps must be a positive integer"),
         ({"num_generations": 1.5}, "num_generations must be a positive integer"),
     ],
