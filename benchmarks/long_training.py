@@ -69,14 +69,11 @@ def _cider(p: Any, weight: float = 1.0) -> Rewards:
 
 def _geg(p: Any, weight: float = 1.0) -> Rewards:
     """GEG against Zhang et al.'s Eq. 2 groups (K = 5) built among the training scenes only."""
-    from clip_rl_trl.neighbors import similar_image_groups
+    from clip_rl_trl.neighbors import groups_within_split
     from clip_rl_trl.rewards.callables import GroupGapReward
 
     ids = p.train["image_id"]
-    refs = p.train["captions"]
-    text = p.scorer.encode_texts([c for caps in refs for c in caps]).float()
-    owner = torch.tensor([i for i, caps in enumerate(refs) for _ in caps])
-    groups = similar_image_groups(p.cache[ids].float(), k=5, text_emb=text, text_owner=owner)
+    groups = groups_within_split(p.cache[ids].float(), 5, scorer=p.scorer, refs=p.train["captions"])
     by_id = {ids[i]: [ids[j] for j in row] for i, row in enumerate(groups.tolist())}
     return [(GroupGapReward(p.scorer, p.cache, by_id), weight)]
 

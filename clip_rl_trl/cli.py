@@ -9,6 +9,7 @@
 
     clip-rl-trl embed --dataset DATASET --output cache.safetensors [--clip ViT-B-32 --pretrained openai]
     clip-rl-trl neighbors --cache cache.safetensors --output groups.safetensors [-k 5 --exclude-above 0.8]
+                          [--dataset DATASET --split train [--similarity captions --clip ViT-B-32 ...]]
 
 ``DATASET`` is a folder written by ``datasets.Dataset.save_to_disk``, a Hub dataset name (``--split``), a
 Karpathy-split JSON file (``dataset_coco.json`` with ``--image-root``), or ``shapes`` for the synthetic shapes
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from clip_rl_trl.neighbors import SIMILARITIES
 
 
 class CliError(Exception):
@@ -106,18 +109,74 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 def cmd_neighbors(args: argparse.Namespace) -> None:
     from clip_rl_trl.embeddings import ImageEmbeddingCache
-    from clip_rl_trl.neighbors import similar_image_groups
+    from clip_rl_trl.neighbors import groups_within_split
 
     if not Path(args.cache).is_file():
         raise CliError(f"--cache {args.cache}: no such file")
+    if args.similarity == "captions" and args.dataset is None:
+        raise CliError(
+            "--similarity captions (Zhang et al. Eq. 2) needs --dataset: the split's reference captions"
+        )
     try:
         cache = ImageEmbeddingCache.load(args.cache)
-        groups = similar_image_groups(cache.embeddings.float(), k=args.k, exclude_above=args.exclude_above)
+    except ValueError as err:
+        raise CliError(f"--cache {args.cache}: {err}") from err
+    rows = refs = scorer = None
+    if args.dataset is not None:
+        # The pool is the split's images only: a held-out image is never a training image's negative.
+        dataset = _load_dataset(args.dataset, args.split, args.shapes_n, args.image_root)
+        needed = [("--id-column", args.id_column)]
+        if args.similarity == "captions":
+            needed.append(("--refs-column", args.refs_column))
+        for flag, column in needed:
+            if column not in dataset.column_names:
+                raise CliError(f"{flag} {column}: the dataset has columns {dataset.column_names}")
+        ids = dataset[args.id_column]
+        if len(set(ids)) != len(ids):
+            raise CliError(
+                f"--dataset {args.dataset}: an image id appears in several rows of split {args.split}; "
+                "expected one row per image with its list of captions"
+            )
+        try:
+            rows = cache.rows(ids)
+        except KeyError as err:
+            raise CliError(f"--cache {args.cache}: {err.args[0]} (split {args.split} of --dataset)") from err
+        if args.similarity == "captions":
+            refs = dataset[args.refs_column]
+            scorer = _scorer(args)
+            if scorer.embed_dim != cache.dim:
+                raise CliError(
+                    f"--clip {args.clip}: embeds in {scorer.embed_dim} dimensions but --cache holds "
+                    f"{cache.dim}: use the CLIP that built the cache"
+                )
+    emb = cache.embeddings if rows is None else cache.embeddings[rows]
+    try:
+        found = groups_within_split(
+            emb.float(),
+            args.k,
+            similarity=args.similarity,
+            scorer=scorer,
+            refs=refs,
+            exclude_above=args.exclude_above,
+        )
     except ValueError as err:
         raise CliError(str(err)) from err
+    if rows is None:
+        groups = found
+    else:  # rows of the cache; the images outside the split have no group (-1)
+        groups = torch.full((len(cache), args.k), -1, dtype=torch.long).index_copy_(0, rows, rows[found])
+    metadata = {"cache": Path(args.cache).name, "similarity": args.similarity, "k": str(args.k)}
+    if args.dataset is not None:
+        metadata["split"] = args.split
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"groups": groups.contiguous()}, args.output, metadata={"cache": str(Path(args.cache).name)})
-    print(f"wrote {tuple(groups.shape)} similar-image groups (rows of {args.cache}) to {args.output}")
+    save_file({"groups": groups.contiguous()}, args.output, metadata=metadata)
+    pool = (
+        f"the {len(found)} images of split {args.split}" if rows is not None else f"all {len(cache)} images"
+    )
+    print(
+        f"wrote {tuple(groups.shape)} similar-image groups (rows of {args.cache}, {args.similarity} "
+        f"similarity, within {pool}) to {args.output}"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -234,7 +293,7 @@ def _shapes_size(ids: Sequence[Any], split: str) -> int:
 def _evaluate_file(args: argparse.Namespace) -> None:
     from clip_rl_trl.embeddings import ImageEmbeddingCache
     from clip_rl_trl.evaluation.evaluate import evaluate_captions
-    from clip_rl_trl.neighbors import similar_image_groups
+    from clip_rl_trl.neighbors import groups_within_split
 
     captions = _read_captions(args.captions, args.column)
     shapes = args.dataset == "shapes"
@@ -265,7 +324,19 @@ def _evaluate_file(args: argparse.Namespace) -> None:
     except KeyError as err:
         raise CliError(f"--cache {args.cache}: {err.args[0]}") from err
     refs = rows[args.refs_column] if args.refs_column in rows.column_names else None
-    groups = similar_image_groups(image_emb, k=args.k) if len(ids) > args.k else None
+    similarity = args.similarity
+    if similarity == "captions" and refs is None:
+        print(f"GEG groups by image cosine: no --refs-column {args.refs_column!r} for Zhang et al.'s Eq. 2")
+        similarity = "image"
+    try:
+        # Within the scored images of --split (Zhang et al. build the groups within each split).
+        groups = (
+            groups_within_split(image_emb, args.k, similarity=similarity, scorer=scorer, refs=refs)
+            if len(ids) > args.k
+            else None
+        )
+    except ValueError as err:
+        raise CliError(f"-k {args.k}: {err}") from err
     world = scenes = None
     if shapes:
         from clip_rl_trl.data.shapes import ShapesWorld
@@ -298,7 +369,7 @@ def _evaluate_model(args: argparse.Namespace) -> None:
     if not model_dir.is_dir():
         raise CliError(f"--model {args.model}: no such folder")
     try:
-        metrics, captions, ids = evaluate_saved(recipe, model_dir, model_dir)
+        metrics, captions, ids = evaluate_saved(recipe, model_dir, model_dir, similarity=args.similarity)
     except RecipeError as err:
         raise CliError(f"--config {args.config}: {err}") from err
     output = Path(args.output) if args.output else model_dir / "eval_metrics.json"
@@ -394,20 +465,45 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--shapes-n", type=int, default=1000, help="number of scenes with --dataset shapes")
     embed.add_argument("--image-column", default="image")
     embed.add_argument("--id-column", default="image_id")
-    embed.add_argument("--clip", default=None, help="open_clip architecture, e.g. ViT-B-32")
-    embed.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai")
-    embed.add_argument("--device", default=None)
-    embed.add_argument("--batch-size", type=int, default=None)
+    _add_clip_flags(embed)
     embed.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     embed.add_argument("--output", required=True, help="cache file to write (.safetensors)")
     embed.set_defaults(func=cmd_embed)
 
-    neighbors = sub.add_parser("neighbors", help="similar-image groups from an embedding cache")
+    neighbors = sub.add_parser(
+        "neighbors",
+        help="similar-image groups from an embedding cache",
+        description="The k most similar other images of each image, as a (len(cache), k) tensor 'groups' of "
+        "cache rows. With --dataset the candidates are the images of --split only (Zhang et al. build the "
+        "groups within each split); the cache's other rows are -1. --similarity captions is Zhang et al.'s "
+        "Eq. 2: an image is scored through the other image's reference captions, encoded by --clip.",
+    )
     neighbors.add_argument("--cache", required=True, help="a cache written by 'clip-rl-trl embed'")
     neighbors.add_argument("-k", type=int, default=5, help="group size (Zhang et al.: 5)")
     neighbors.add_argument(
-        "--exclude-above", type=float, default=None, help="drop near-duplicates above this cosine"
+        "--exclude-above", type=float, default=None, help="drop near-duplicates above this similarity"
     )
+    neighbors.add_argument(
+        "--similarity",
+        choices=SIMILARITIES,
+        default="image",
+        help="image: image cosine; captions: Zhang et al. Eq. 2, max cosine with the other image's "
+        "references (needs --dataset)",
+    )
+    neighbors.add_argument(
+        "--dataset",
+        default=None,
+        help="restrict the pool to one split of this dataset (save_to_disk folder, Hub dataset name, "
+        "Karpathy JSON file, or 'shapes'); it also holds the references of --similarity captions",
+    )
+    neighbors.add_argument("--split", default="train")
+    neighbors.add_argument("--image-root", default=None, help="image folder of a Karpathy JSON --dataset")
+    neighbors.add_argument(
+        "--shapes-n", type=int, default=1000, help="number of scenes with --dataset shapes"
+    )
+    neighbors.add_argument("--id-column", default="image_id")
+    neighbors.add_argument("--refs-column", default="captions", help="reference captions of --dataset")
+    _add_clip_flags(neighbors, "the CLIP that built --cache, to encode the references")
     neighbors.add_argument("--output", required=True, help="file to write (.safetensors, tensor 'groups')")
     neighbors.set_defaults(func=cmd_neighbors)
 
@@ -415,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_push(sub)
     return parser
+
+
+def _add_clip_flags(parser: argparse.ArgumentParser, what: str = "the CLIP judge") -> None:
+    parser.add_argument("--clip", default=None, help=f"open_clip architecture of {what}, e.g. ViT-B-32")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
 
 
 def _add_recipe_flags(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -482,16 +585,18 @@ def _add_eval(sub: Any) -> None:
     evaluate.add_argument(
         "--refs-column", default="captions", help="reference captions (absent: no NLG metrics)"
     )
-    evaluate.add_argument(
-        "--clip", default=None, help="open_clip architecture of the judge, e.g. ViT-B-32-quickgelu"
-    )
-    evaluate.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai")
+    _add_clip_flags(evaluate)
     evaluate.add_argument(
         "--cache", default=None, help="image embeddings from 'clip-rl-trl embed' (same CLIP)"
     )
-    evaluate.add_argument("--device", default=None)
-    evaluate.add_argument("--batch-size", type=int, default=None)
     evaluate.add_argument("-k", type=int, default=5, help="similar-image group size of GEG (Zhang et al.: 5)")
+    evaluate.add_argument(
+        "--similarity",
+        choices=SIMILARITIES,
+        default="captions",
+        help="how GEG's groups are found among the scored images: captions (default) is Zhang et al. Eq. 2 "
+        "through the references (image cosine when there are none), image is image cosine",
+    )
     evaluate.add_argument(
         "--no-coco-metrics", action="store_true", help="skip BLEU/METEOR/ROUGE-L/CIDEr/SPICE"
     )

@@ -5,8 +5,16 @@ The groups are the hard negatives of the Group Embedding Gap (Zhang et al. 2022,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    from clip_rl_trl.clip import ClipScorer
+
+# How a candidate image is scored: through its ground-truth captions (Zhang et al. Eq. 2) or by image cosine.
+SIMILARITIES = ("image", "captions")
 # Similarity entries per query chunk when chunk_size is not given: 2**26 float32 values = 256 MiB.
 _AUTO_CHUNK_ELEMENTS = 2**26
 _NORM_TOLERANCE = 1e-2  # generous enough for float16 / bfloat16 caches of normalised embeddings
@@ -87,6 +95,45 @@ def similar_image_groups(
             sim.masked_fill_(sim > exclude_above, float("-inf"))
         out[start:stop] = _top_k(sim, k, start, exclude_above)
     return out
+
+
+def groups_within_split(
+    img_emb: torch.Tensor,
+    k: int = 5,
+    *,
+    similarity: str = "captions",
+    scorer: ClipScorer | None = None,
+    refs: Sequence[Sequence[str]] | None = None,
+    exclude_above: float | None = None,
+) -> torch.Tensor:
+    """The similar-image groups of one split's images: ``(N, k)`` rows of ``img_emb``, most similar first.
+
+    Zhang et al. 2022, section 3.2: "In each split of the training, validation and test dataset, we construct
+    the similar image group within the same split", so ``img_emb`` holds the images of one split only.
+    ``similarity="captions"`` is their Eq. 2, ``s(I_0, I_i) = max_n cos(I_0, c_i^n)``: ``refs[i]`` are the
+    ground-truth captions of image ``i``, encoded by ``scorer`` as they are, without a prompt (as the retrieval
+    metrics and rewards read captions). ``similarity="image"`` is image-image cosine and needs neither.
+    ``exclude_above`` and the errors are those of :func:`similar_image_groups`.
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if similarity == "image":
+        return similar_image_groups(img_emb, k, exclude_above)
+    if scorer is None or refs is None:
+        raise ValueError(
+            "similarity='captions' (Zhang et al. Eq. 2) scores images through their reference captions: "
+            "pass refs (one list of captions per image) and the scorer that encodes them"
+        )
+    n = _check_embeddings("img_emb", img_emb)
+    if isinstance(refs, str) or len(refs) != n:
+        raise ValueError(f"refs must hold one list of captions per image: got {len(refs)} for {n} images")
+    strings = [i for i, captions in enumerate(refs) if isinstance(captions, str)]
+    if strings:
+        raise ValueError(f"refs[{strings[0]}] is a string: give each image a list of captions")
+    text_emb = scorer.encode_texts([c for captions in refs for c in captions]).float().to(img_emb.device)
+    counts = torch.tensor([len(captions) for captions in refs], device=img_emb.device)
+    text_owner = torch.repeat_interleave(torch.arange(n, device=img_emb.device), counts)
+    return similar_image_groups(img_emb, k, exclude_above, text_emb=text_emb, text_owner=text_owner)
 
 
 def _top_k(sim: torch.Tensor, k: int, start: int, exclude_above: float | None) -> torch.Tensor:

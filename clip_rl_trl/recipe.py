@@ -56,6 +56,8 @@ from typing import Any
 import torch
 import yaml
 
+from clip_rl_trl.neighbors import SIMILARITIES
+
 __all__ = [
     "FAMILIES",
     "REWARD_KEYS",
@@ -150,7 +152,6 @@ REWARD_KEYS: dict[str, tuple[str, ...]] = {
         "seed",
     ),
 }
-SIMILARITIES = ("image", "captions")
 # Fields the recipe sets itself: the output folder comes from the command line, the weights from `rewards`.
 _MANAGED_TRAINING = {"output_dir": "pass --output-dir", "reward_weights": "give each reward a weight"}
 
@@ -657,24 +658,24 @@ def _neighbour_groups(
     exclude_above: float | None,
     captions_column: str = "captions",
 ) -> dict[Any, list[Any]]:
-    """Each training image's ``k`` most similar other training images (Zhang et al. 2022, §3.3).
+    """Each training image's ``k`` most similar other training images (Zhang et al. 2022, §3.2).
 
     ``similarity="captions"`` is the paper's Eq. 2 (best cosine between the image and the other image's
     ground-truth captions); ``"image"`` is plain image-image cosine.
     """
     import torch.nn.functional as F
 
-    from clip_rl_trl.neighbors import similar_image_groups
+    from clip_rl_trl.neighbors import groups_within_split
 
     ids = list(train["image_id"])
-    emb = F.normalize(cache[ids].float(), dim=-1)
-    text_emb = text_owner = None
-    if similarity == "captions":
-        refs = train[captions_column]
-        text_emb = scorer.encode_texts([c for caps in refs for c in caps]).float().to(emb.device)
-        text_owner = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(c) for c in refs]))
-    groups = similar_image_groups(
-        emb, k=k, exclude_above=exclude_above, text_emb=text_emb, text_owner=text_owner
+    refs = train[captions_column] if similarity == "captions" else None
+    groups = groups_within_split(
+        F.normalize(cache[ids].float(), dim=-1),
+        k,
+        similarity=similarity,
+        scorer=scorer,
+        refs=refs,
+        exclude_above=exclude_above,
     )
     return {ids[i]: [ids[j] for j in row] for i, row in enumerate(groups.tolist())}
 
@@ -688,7 +689,11 @@ def _grammar_reward(
     output_dir: Path,
     progress: bool,
 ) -> tuple[Any, Any]:
-    """Cho et al. 2022's grammar head: loaded from ``spec["path"]`` if saved there, else trained and saved."""
+    """Cho et al. 2022's grammar head: loaded from ``spec["path"]`` if saved there, else trained and saved.
+
+    ``spec["prompt"]`` is one setting: the head is trained after it, records it, and the reward scores after it;
+    a saved head trained with another prompt is refused.
+    """
     from clip_rl_trl.rewards.callables import GrammarReward
     from clip_rl_trl.rewards.grammar import (
         GrammarHead,
@@ -703,7 +708,10 @@ def _grammar_reward(
     options = {k: spec[k] for k in REWARD_KEYS["grammar"] if k != "path" and k in spec}
     with _main_first():
         if (folder / "grammar_head.safetensors").is_file() and tower.is_file():
-            head = GrammarHead.from_pretrained(folder)
+            try:
+                head = GrammarHead.from_pretrained(folder)
+            except ValueError as err:
+                raise RecipeError(f"grammar reward, path {os.fspath(folder)!r}: {err}") from err
             tuned = load_text_tower(scorer, tower)
         else:
             ids = list(train["image_id"])
@@ -715,7 +723,12 @@ def _grammar_reward(
             if PartialState().is_main_process:
                 head.save_pretrained(folder)
                 save_text_tower(tuned, tower)
-    return GrammarReward(tuned, head), tuned
+    try:
+        return GrammarReward(tuned, head, prompt=spec.get("prompt")), tuned
+    except ValueError as err:
+        raise RecipeError(
+            f"grammar reward, path {os.fspath(folder)!r}: {err} (delete the folder to train it again)"
+        ) from err
 
 
 def build_rewards(
@@ -1037,23 +1050,31 @@ def _generate(context: RecipeContext, model: Any, rows: Sequence[Mapping[str, An
     return captions
 
 
-def _eval_groups(image_emb: torch.Tensor, k: int = 5) -> torch.Tensor | None:
-    """Each evaluation image's 5 most similar evaluation images (image cosine), for GEG-Avg / GEG-Min."""
+def _eval_groups(
+    scorer: Any, image_emb: torch.Tensor, refs: Sequence[Sequence[str]], similarity: str, k: int = 5
+) -> torch.Tensor | None:
+    """Each evaluation image's K = 5 most similar other evaluation images, for GEG-Avg / GEG-Min (Zhang et al.
+    2022: within the split, through the references by Eq. 2 unless ``similarity="image"``)."""
     import torch.nn.functional as F
 
-    from clip_rl_trl.neighbors import similar_image_groups
+    from clip_rl_trl.neighbors import groups_within_split
 
     if len(image_emb) <= k:
         return None
-    return similar_image_groups(F.normalize(image_emb.float(), dim=-1), k=k)
+    emb = F.normalize(image_emb.float(), dim=-1)
+    return groups_within_split(emb, k, similarity=similarity, scorer=scorer, refs=refs)
 
 
-def evaluate(context: RecipeContext, model: Any) -> tuple[dict[str, Any], list[str], list[Any]]:
+def evaluate(
+    context: RecipeContext, model: Any, similarity: str = "captions"
+) -> tuple[dict[str, Any], list[str], list[Any]]:
     """Caption every evaluation image (beam search) and score the captions with every metric of the suite.
 
     Returns ``(metrics, captions, image_ids)``. The shapes world adds grammar validity and attribute
-    precision / recall (:func:`clip_rl_trl.demo.evaluate_test`); GEG uses each image's 5 most similar
-    evaluation images; novelty is measured against the training captions.
+    precision / recall (:func:`clip_rl_trl.demo.evaluate_test`); GEG compares each image with its 5 most
+    similar other evaluation images, found through their reference captions (Zhang et al. Eq. 2, encoded
+    by the judge without a prompt) or, with ``similarity="image"``, by image cosine; novelty is measured
+    against the training captions.
     """
     from clip_rl_trl.evaluation.evaluate import evaluate_captions
     from clip_rl_trl.rewards.functional import group_embedding_gap
@@ -1066,7 +1087,7 @@ def evaluate(context: RecipeContext, model: Any) -> tuple[dict[str, Any], list[s
         metrics, captions = evaluate_test(context.prepared, base, context.demo_config, full=True)
         ids = list(context.eval["image_id"])
         image_emb = context.cache[ids].float()
-        groups = _eval_groups(image_emb)
+        groups = _eval_groups(context.scorer, image_emb, context.eval["captions"], similarity)
         if groups is not None:
             txt = context.scorer.encode_texts(captions).float().to(image_emb.device)
             group_emb = image_emb[groups]
@@ -1079,12 +1100,13 @@ def evaluate(context: RecipeContext, model: Any) -> tuple[dict[str, Any], list[s
     ids = [row[args.image_id_column] for row in rows]
     captions = _generate(context, base, rows)
     image_emb = context.cache[ids].float()
+    refs = [row[args.captions_column] for row in rows]
     metrics = evaluate_captions(
         captions,
         image_emb,
         context.scorer,
-        refs=[row[args.captions_column] for row in rows],
-        groups=_eval_groups(image_emb),
+        refs=refs,
+        groups=_eval_groups(context.scorer, image_emb, refs, similarity),
         train_captions=[c for caps in context.train[args.captions_column] for c in caps],
         coco_metrics=args.eval_coco_metrics,
         seed=args.seed,
@@ -1194,9 +1216,10 @@ def evaluate_saved(
     model_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     progress: bool = True,
+    similarity: str = "captions",
 ) -> tuple[dict[str, Any], list[str], list[Any]]:
     """Evaluate a saved captioner (a full model folder, or a LoRA adapter over the recipe's captioner) on the
-    recipe's evaluation split, without building rewards or a trainer."""
+    recipe's evaluation split, without building rewards or a trainer; ``similarity`` as in :func:`evaluate`."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise RecipeError(f"model folder {os.fspath(model_dir)!r}: no such folder")
@@ -1212,7 +1235,7 @@ def evaluate_saved(
     model.to(_device())
     context.processing_class, context.args = processing, args
     context.policy = _policy(spec, context, model, processing, args)
-    return evaluate(context, model)
+    return evaluate(context, model, similarity)
 
 
 # ---------------------------------------------------------------------- the examples' command line

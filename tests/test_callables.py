@@ -79,6 +79,25 @@ def test_retrieval_and_group_gap_equal_formulas(scorer, cache) -> None:
     torch.testing.assert_close(torch.tensor(call(GroupGapReward(scorer, cache, as_mapping, reduce="min"))), torch.tensor(gap))
 
 
+def test_group_gap_with_groups_built_within_a_split(scorer, cache) -> None:
+    """Groups of cache rows built within a split (as 'clip-rl-trl neighbors --dataset' writes them): the other
+    rows are -1, never a negative, and asking for their group is an error naming the image."""
+    split = ["img0", "img1", "img2", "img3"]
+    rows = cache.rows(split)
+    within = similar_image_groups(cache[split], k=2)
+    groups = torch.full((len(cache), 2), -1, dtype=torch.long).index_copy_(0, rows, rows[within])
+    assert set(groups[rows].flatten().tolist()) <= set(rows.tolist())
+    gap = call(GroupGapReward(scorer, cache, groups))
+    as_mapping = {split[i]: [split[j] for j in row] for i, row in enumerate(within.tolist())}
+    torch.testing.assert_close(
+        torch.tensor(gap), torch.tensor(call(GroupGapReward(scorer, cache, as_mapping)))
+    )
+    with pytest.raises(KeyError, match="image id 'img5' has no similar-image group"):
+        GroupGapReward(scorer, cache, groups)(
+            prompts=[""] * 2, completions=["a", "b"], completion_ids=None, image_id=["img0", "img5"]
+        )
+
+
 def test_bidirectional_with_references_masks_own_references(scorer, cache) -> None:
     txt, img = scorer.encode_texts(COMPLETIONS), cache[IDS]
     plain = call(BidirectionalReward(scorer, cache))

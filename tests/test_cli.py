@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -61,6 +62,72 @@ def test_embed_then_neighbors(dataset_dir, tmp_path, capsys) -> None:
     assert main(["neighbors", "--cache", str(cache_path), "-k", "2", "--output", str(groups_path)]) == 0
     groups = load_file(groups_path)["groups"]
     torch.testing.assert_close(groups, similar_image_groups(cache.embeddings.float(), k=2))
+
+
+class AngleScorer:
+    """A stand-in judge: the caption "c<angle>" embeds as the 2-D unit vector at that angle (hand-checkable)."""
+
+    embed_dim = 2
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return _unit(*(float(t[1:]) for t in texts))
+
+
+def _unit(*degrees: float) -> torch.Tensor:
+    return torch.tensor([[math.cos(math.radians(d)), math.sin(math.radians(d))] for d in degrees])
+
+
+def test_neighbors_eq2_within_a_split(tmp_path, monkeypatch, capsys) -> None:
+    # One cache over two splits; the test images sit right beside training images (5 and 95 degrees).
+    cache_ids = ["test-0", "train-0", "train-1", "test-1", "train-2", "train-3"]
+    angles = {"train-0": 0, "train-1": 90, "train-2": 45, "train-3": 180, "test-0": 5, "test-1": 95}
+    ImageEmbeddingCache(cache_ids, _unit(*(angles[i] for i in cache_ids))).save(
+        tmp_path / "cache.safetensors"
+    )
+    refs = {"train-0": ["c0"], "train-1": ["c10", "c90"], "train-2": ["c135"], "train-3": ["c180"]}
+    train_ids = list(refs)
+    DatasetDict(
+        {
+            "train": Dataset.from_dict({"image_id": train_ids, "captions": [refs[i] for i in train_ids]}),
+            "test": Dataset.from_dict({"image_id": ["test-0", "test-1"], "captions": [["c5"], ["c95"]]}),
+        }
+    ).save_to_disk(str(tmp_path / "data"))
+    monkeypatch.setattr("clip_rl_trl.cli._scorer", lambda args: AngleScorer())
+    base = ["neighbors", "--cache", str(tmp_path / "cache.safetensors"), "-k", "1", "--dataset"]
+    base += [str(tmp_path / "data"), "--split", "train"]
+
+    out = tmp_path / "eq2.safetensors"
+    assert main([*base, "--similarity", "captions", "--output", str(out)]) == 0
+    assert "within the 4 images of split train" in capsys.readouterr().out
+    groups = load_file(out)["groups"]
+    # Eq. 2 by hand, s(a, b) = max cos(a, captions of b): train-0 (0) -> train-1 (caption at 10: .985);
+    # train-1 (90) -> train-2 (caption at 135: .707); train-2 (45) -> train-1 (caption at 10: .819 > .707 for
+    # train-0); train-3 (180) -> train-2 (caption at 135: .707). As cache rows; the test rows have no group.
+    assert groups.tolist() == [[-1], [2], [4], [-1], [2], [4]]
+    train_rows = torch.tensor([1, 2, 4, 5])
+    expected = similar_image_groups(
+        _unit(0, 90, 45, 180),
+        1,
+        text_emb=_unit(0, 10, 90, 135, 180),
+        text_owner=torch.tensor([0, 1, 1, 2, 3]),
+    )
+    assert torch.equal(groups[train_rows], train_rows[expected])
+
+    # Image cosine within the split: train-0's nearest is train-2 (45), not test-0 (5) from the other split.
+    assert main([*base, "--output", str(tmp_path / "image.safetensors")]) == 0
+    assert load_file(tmp_path / "image.safetensors")["groups"].tolist() == [[-1], [4], [4], [-1], [1], [2]]
+    # Over the whole cache (no --dataset), the test images leak in.
+    whole = tmp_path / "whole.safetensors"
+    assert (
+        main(["neighbors", "--cache", str(tmp_path / "cache.safetensors"), "-k", "1", "--output", str(whole)])
+        == 0
+    )
+    assert load_file(whole)["groups"][1].tolist() == [0]
+
+    assert main([*base[:-4], "--similarity", "captions", "--output", str(out)]) == 2
+    assert "--similarity captions (Zhang et al. Eq. 2) needs --dataset" in capsys.readouterr().err
+    assert main([*base, "--similarity", "captions", "--refs-column", "refs", "--output", str(out)]) == 2
+    assert "--refs-column refs: the dataset has columns" in capsys.readouterr().err
 
 
 def test_errors_name_the_bad_flag(dataset_dir, tmp_path, capsys) -> None:
@@ -199,6 +266,43 @@ def test_eval_scores_a_captions_file(shapes_dir, tmp_path, capsys) -> None:
     )
     again = json.loads((tmp_path / "results.metrics.json").read_text())
     assert again["recall_at_1"] == pytest.approx(metrics["recall_at_1"])
+
+
+def test_eval_geg_groups_by_eq2_within_the_scored_split(shapes_dir, tmp_path, monkeypatch, capsys) -> None:
+    import clip_rl_trl.neighbors
+
+    scenes = ShapesWorld(seed=0).to_dataset(8, "test")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(
+        "".join(json.dumps({"image_id": i, "caption": "a circle"}) + "\n" for i in scenes["image_id"])
+    )
+    calls = []
+    groups_within_split = clip_rl_trl.neighbors.groups_within_split
+
+    def spy(img_emb, k, **kwargs):
+        calls.append(
+            {"img_emb": img_emb, "k": k, **kwargs, "groups": groups_within_split(img_emb, k, **kwargs)}
+        )
+        return calls[-1]["groups"]
+
+    monkeypatch.setattr(clip_rl_trl.neighbors, "groups_within_split", spy)
+    base = ["eval", "--captions", str(captions), "--dataset", str(shapes_dir / "scenes"), "--clip", TINY_CLIP]
+    base += ["--no-coco-metrics", "-k", "3", "--output", str(tmp_path / "m.json")]
+    assert main(base) == 0
+    (call,) = calls
+    # Eq. 2 over the scored split's references, encoded raw by the judge; groups index the 8 scored images.
+    assert (
+        call["similarity"] == "captions" and call["refs"] == scenes["captions"] and len(call["img_emb"]) == 8
+    )
+    text_emb = call["scorer"].encode_texts([c for refs in scenes["captions"] for c in refs]).float()
+    owner = torch.arange(8).repeat_interleave(torch.tensor([len(r) for r in scenes["captions"]]))
+    expected = similar_image_groups(call["img_emb"], 3, text_emb=text_emb, text_owner=owner)
+    assert torch.equal(call["groups"], expected)
+    assert main([*base, "--similarity", "image"]) == 0
+    assert calls[-1]["similarity"] == "image"
+    assert main([*base, "--refs-column", "none"]) == 0
+    assert calls[-1]["similarity"] == "image"
+    assert "GEG groups by image cosine: no --refs-column 'none'" in capsys.readouterr().out
 
 
 def test_eval_errors_name_the_flag(shapes_dir, tmp_path, capsys) -> None:

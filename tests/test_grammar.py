@@ -1,4 +1,4 @@
-"""Grammar negatives, the grammar head and its training (Cho et al. 2022) on a tiny random open_clip CLIP."""
+"""Grammar negatives, the grammar head, its training and its prompt (Cho et al. 2022) on a tiny random CLIP."""
 
 import os
 
@@ -11,8 +11,10 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from clip_rl_trl import ClipScorer
+from clip_rl_trl.rewards.callables import GrammarReward
 from clip_rl_trl.rewards.grammar import (
     CORRUPTIONS,
     GrammarHead,
@@ -170,13 +172,20 @@ def test_head_input_checks() -> None:
 
 
 def test_head_save_and_load(tmp_path) -> None:
-    head = GrammarHead(8, seed=1)
+    head = GrammarHead(8, seed=1, prompt="A photo depicts ")
     head.save_pretrained(tmp_path / "head")
     loaded = GrammarHead.from_pretrained(tmp_path / "head")
     x = F.normalize(torch.randn(5, 8), dim=-1)
     torch.testing.assert_close(loaded.reward(x), head.reward(x))
+    assert loaded.prompt == "A photo depicts "
     with pytest.raises(FileNotFoundError, match="grammar_head.safetensors"):
         GrammarHead.from_pretrained(tmp_path / "missing")
+    # A head that does not record its training prompt is refused rather than scored with a guessed one.
+    weights = {k: v.contiguous() for k, v in head.state_dict().items()}
+    (tmp_path / "old").mkdir()
+    save_file(weights, tmp_path / "old" / "grammar_head.safetensors", metadata={"config": '{"embed_dim": 8}'})
+    with pytest.raises(ValueError, match="does not record the prompt its head was trained with"):
+        GrammarHead.from_pretrained(tmp_path / "old")
 
 
 # --- training ---------------------------------------------------------------------------------------------
@@ -256,6 +265,53 @@ def test_text_tower_save_and_load(scorer: ClipScorer, tmp_path) -> None:
     assert set(text_tower_state_dict(scorer)) == {
         k for k in dict(scorer.model.named_parameters()) if not k.startswith("visual.") and k != "logit_scale"
     }
+
+
+def test_training_and_scoring_see_the_same_prompt(scorer: ClipScorer, monkeypatch, tmp_path) -> None:
+    """One prompt: the head is trained on prompted text, records the prompt, and is scored on prompted text."""
+    prompt = "A photo depicts "
+    captions = _captions()[:8]
+    image_emb = F.normalize(torch.randn(8, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    seen: list[str] = []
+    tokenize = ClipScorer.tokenize
+    monkeypatch.setattr(
+        ClipScorer, "tokenize", lambda self, texts: seen.extend(texts) or tokenize(self, texts)
+    )
+    tuned, head = train_grammar_head(
+        scorer, image_emb, captions, epochs=1, batch_size=4, lr=1e-3, prompt=prompt, progress=False
+    )
+    assert head.prompt == prompt
+    assert len(seen) == 16 and all(t.startswith(prompt) for t in seen)  # 8 captions + 8 negatives
+    assert set(captions) <= {t[len(prompt) :] for t in seen}
+
+    completions = ["a small red circle", "circle circle a"]
+    seen.clear()
+    reward = GrammarReward(tuned, head)
+    values = reward(prompts=[""] * 2, completions=completions, completion_ids=None)
+    assert seen == [prompt + c for c in completions]
+    expected = head.reward(tuned.encode_texts([prompt + c for c in completions]))
+    torch.testing.assert_close(torch.tensor(values), expected)
+    assert GrammarReward(tuned, head, prompt=prompt).prompt == prompt  # the same prompt, given explicitly
+
+    seen.clear()
+    evaluate_grammar_head(tuned, head, completions[:1])
+    assert len(seen) == 2 and all(t.startswith(prompt) for t in seen)
+
+    # The prompt travels with the saved head.
+    head.save_pretrained(tmp_path)
+    loaded = GrammarReward(tuned, GrammarHead.from_pretrained(tmp_path))
+    assert loaded.prompt == prompt
+    torch.testing.assert_close(
+        torch.tensor(loaded(prompts=[""] * 2, completions=completions, completion_ids=None)), expected
+    )
+
+
+def test_a_prompt_other_than_the_training_prompt_is_refused(scorer: ClipScorer) -> None:
+    head = GrammarHead(scorer.embed_dim, seed=0, prompt="A photo depicts ")
+    with pytest.raises(ValueError, match="grammar prompt '' differs from 'A photo depicts ', the prompt the"):
+        GrammarReward(scorer, head, prompt="")
+    with pytest.raises(ValueError, match="'a picture of ' differs from ''"):
+        GrammarReward(scorer, GrammarHead(scorer.embed_dim), prompt="a picture of ")
 
 
 def test_training_input_checks(scorer: ClipScorer) -> None:

@@ -1,4 +1,5 @@
-"""similar_image_groups: hand-computed cases, Zhang et al. Eq. 2, ties, chunking == brute force, bad input."""
+"""similar_image_groups: hand-computed cases, Zhang et al. Eq. 2, ties, chunking == brute force, bad input;
+groups_within_split: Eq. 2 from a split's references."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_rl_trl.neighbors import similar_image_groups
+from clip_rl_trl.neighbors import groups_within_split, similar_image_groups
 
 
 def _unit(*degrees: float) -> torch.Tensor:
@@ -161,3 +162,50 @@ def test_bad_input_raises_naming_the_argument(kwargs: dict, message: str) -> Non
     kwargs.setdefault("k", 2)
     with pytest.raises(ValueError, match=message):
         similar_image_groups(**kwargs)
+
+
+class AngleScorer:
+    """A stand-in judge for hand-checkable cases: the caption "c<angle>" embeds as the 2-D unit vector at that angle."""
+
+    embed_dim = 2
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        self.seen += texts
+        return _unit(*(float(t[1:]) for t in texts))
+
+
+def test_groups_within_split_eq2_from_references() -> None:
+    # The hand-computed Eq. 2 case above, with the captions given as each image's references.
+    img = _unit(0, 90, 45)
+    refs = [["c0"], ["c10", "c90"], ["c135"]]
+    scorer = AngleScorer()
+    groups = groups_within_split(img, 1, similarity="captions", scorer=scorer, refs=refs)
+    assert groups.tolist() == [[1], [2], [1]]
+    assert scorer.seen == ["c0", "c10", "c90", "c135"]  # the raw references: no prompt
+    owner = torch.tensor([0, 1, 1, 2])
+    assert torch.equal(groups, similar_image_groups(img, 1, text_emb=_unit(0, 10, 90, 135), text_owner=owner))
+    assert groups_within_split(img, 1, similarity="image").tolist() == [[2], [2], [0]]
+    # exclude_above reaches similar_image_groups; an image without references is never a neighbour
+    assert groups_within_split(
+        img, 1, similarity="captions", scorer=scorer, refs=refs, exclude_above=0.9
+    ).tolist() == [[2], [2], [1]]
+    assert groups_within_split(
+        img, 1, similarity="captions", scorer=scorer, refs=[["c0"], [], ["c135"]]
+    ).tolist() == [[2], [2], [0]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(similarity="text"), "similarity must be one of"),
+        (dict(), "pass refs"),
+        (dict(refs=[["c0"], ["c1"]], scorer=AngleScorer()), "got 2 for 3 images"),
+        (dict(refs=["c0", ["c1"], ["c2"]], scorer=AngleScorer()), r"refs\[0\] is a string"),
+    ],
+)
+def test_groups_within_split_bad_input(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        groups_within_split(_unit(0, 90, 45), 1, **kwargs)

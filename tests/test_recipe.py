@@ -17,7 +17,7 @@ from conftest import make_tiny_scorer
 from datasets import DatasetDict
 from transformers import GPT2Config
 
-from clip_rl_trl import ClipCapConfig, ClipCapModel, ImageEmbeddingCache, ShapesWorld
+from clip_rl_trl import ClipCapConfig, ClipCapModel, ImageEmbeddingCache, ShapesWorld, similar_image_groups
 from clip_rl_trl.recipe import (
     REWARD_KEYS,
     RecipeError,
@@ -317,6 +317,22 @@ def test_group_gap_groups_stay_in_the_training_split(world_data) -> None:
     assert set(groups) == ids and all(len(g) == 5 and set(g) <= ids - {i} for i, g in groups.items())
 
 
+def test_grammar_prompt_is_one_setting_for_training_and_scoring(world_data, tmp_path) -> None:
+    train, scorer, cache = world_data
+    spec = {"name": "grammar", "weight": 1.0, "epochs": 1, "batch_size": 8, "path": str(tmp_path / "grammar")}
+    (reward,), _ = build_rewards(
+        [{**spec, "prompt": "A photo depicts "}], scorer, cache, train, progress=False
+    )
+    assert reward.prompt == reward.head.prompt == "A photo depicts "
+    # Loaded from `path`: without a prompt key the head's own applies; another prompt is refused.
+    (again,), _ = build_rewards([spec], scorer, cache, train, progress=False)
+    assert again.prompt == "A photo depicts "
+    with pytest.raises(
+        RecipeError, match="grammar prompt '' differs from 'A photo depicts ', the prompt the"
+    ):
+        build_rewards([{**spec, "prompt": ""}], scorer, cache, train, progress=False)
+
+
 def minimal_shapes() -> dict:
     return {"data": {"source": "shapes", "n_test": 100}, "captioner": {"family": "clipcap"}}
 
@@ -407,6 +423,41 @@ def test_two_step_run_writes_model_card_report_and_captions(tiny_setup) -> None:
     metrics, captions, ids = evaluate_saved(load_recipe(path), out, out, progress=False)
     assert captions == [r["after"] for r in lines] and ids == [r["image_id"] for r in lines]
     assert metrics["p_at_1_100"] == pytest.approx(report["after"]["p_at_1_100"])
+
+
+def test_evaluation_geg_groups_are_eq2_within_the_evaluation_split(tiny_setup, tmp_path, monkeypatch) -> None:
+    import clip_rl_trl.neighbors
+    from clip_rl_trl.rewards.functional import group_embedding_gap
+
+    root, path = tiny_setup
+    calls = []
+    groups_within_split = clip_rl_trl.neighbors.groups_within_split
+
+    def spy(img_emb, k, **kwargs):
+        calls.append(
+            {"img_emb": img_emb, "k": k, **kwargs, "groups": groups_within_split(img_emb, k, **kwargs)}
+        )
+        return calls[-1]["groups"]
+
+    monkeypatch.setattr(clip_rl_trl.neighbors, "groups_within_split", spy)
+    metrics, captions, ids = evaluate_saved(load_recipe(path), root / "clipcap", tmp_path, progress=False)
+    (call,) = calls
+    refs = ShapesWorld(seed=0).to_dataset(8, "test")["captions"]
+    # Zhang et al.: K = 5 within the evaluation split (8 test images, none of the 12 training images), Eq. 2
+    # over its references encoded raw by the judge.
+    assert call["k"] == 5 and call["similarity"] == "captions" and call["refs"] == refs
+    assert len(call["img_emb"]) == len(ids) == 8
+    judge = call["scorer"]
+    owner = torch.arange(8).repeat_interleave(torch.tensor([len(r) for r in refs]))
+    text_emb = judge.encode_texts([c for r in refs for c in r]).float()
+    groups = similar_image_groups(call["img_emb"], 5, text_emb=text_emb, text_owner=owner)
+    assert torch.equal(call["groups"], groups)
+    img = call["img_emb"]
+    gap = group_embedding_gap(judge.encode_texts(captions).float(), img, img[groups], reduce="avg")
+    assert metrics["geg_avg"] == pytest.approx(float(gap.mean()), abs=1e-5)
+
+    evaluate_saved(load_recipe(path), root / "clipcap", tmp_path, progress=False, similarity="image")
+    assert calls[-1]["similarity"] == "image"
 
 
 def test_a_cache_for_other_data_is_refused(tiny_setup, tmp_path) -> None:

@@ -134,8 +134,9 @@ def evaluate_captions(
             ``ImageEmbeddingCache``), by the same CLIP as ``scorer``.
         scorer: the ``ClipScorer`` that encodes the captions (each distinct caption once).
         refs: N lists of reference captions: enables RefCLIP-S and the pycocoevalcap metrics.
-        groups: ``(N, K)`` integer indices into the N images, the similar-image group of each image
-            (``similar_image_groups``): enables GEG-Avg / GEG-Min.
+        groups: ``(N, K)`` integer indices into the N images, the similar-image group of each image: enables
+            GEG-Avg / GEG-Min. Zhang et al.'s are built within the evaluated split by Eq. 2 over the references:
+            ``groups_within_split(image_emb, 5, similarity="captions", scorer=scorer, refs=refs)``.
         train_captions: the training captions: enables ``novelty``.
         world, scenes: a world with ``parse`` / ``attribute_precision`` / ``attribute_recall`` (the shapes
             world) and the N scenes of the images: enables ``grammar_valid``, ``attribute_precision``,

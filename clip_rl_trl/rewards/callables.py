@@ -123,6 +123,12 @@ class _ClipReward(ABC):
         """``(N, K, D)`` embeddings of each image's similar-image group."""
         if isinstance(groups, torch.Tensor):
             neighbour_rows = groups[self.cache.rows(ids)]
+            outside = (neighbour_rows < 0).any(dim=1)
+            if outside.any():
+                raise KeyError(
+                    f"image id {ids[int(outside.nonzero()[0])]!r} has no similar-image group (its row of "
+                    "groups is -1: the groups were built within a split it is not in)"
+                )
             flat = self.cache.embeddings.index_select(0, neighbour_rows.reshape(-1).to(self.cache.device))
             return flat.view(len(ids), groups.shape[1], -1)
         try:
@@ -139,8 +145,9 @@ def _check_groups(groups: Any, cache: ImageEmbeddingCache) -> None:
     if isinstance(groups, torch.Tensor):
         if groups.ndim != 2 or groups.dtype != torch.long or len(groups) != len(cache):
             raise ValueError(
-                f"groups as a tensor must be a LongTensor (len(cache), K) of cache rows, as returned by "
-                f"similar_image_groups(cache.embeddings); got {groups.dtype} of shape {tuple(groups.shape)}"
+                f"groups as a tensor must be a LongTensor (len(cache), K) of cache rows (-1 for an image with no "
+                "group), as returned by similar_image_groups(cache.embeddings) or written by 'clip-rl-trl "
+                f"neighbors'; got {groups.dtype} of shape {tuple(groups.shape)}"
             )
     elif not isinstance(groups, Mapping):
         raise TypeError("groups must be a mapping image id -> neighbour ids, or a LongTensor of cache rows")
@@ -202,8 +209,10 @@ class RetrievalReward(_ClipReward):
 class GroupGapReward(_ClipReward):
     """Group Embedding Gap (Zhang et al. 2022, Eq. 3/4) against each image's similar-image group.
 
-    ``groups``: a mapping image id -> the ids of its K similar images, or the ``(len(cache), K)`` LongTensor of
-    cache rows that :func:`~clip_rl_trl.similar_image_groups` returns for ``cache.embeddings``.
+    ``groups``: a mapping image id -> the ids of its K similar images, or a ``(len(cache), K)`` LongTensor of
+    cache rows: what :func:`~clip_rl_trl.similar_image_groups` returns for ``cache.embeddings``, or what
+    ``clip-rl-trl neighbors --dataset ... --split train`` writes (groups within that split, rows ``-1`` for the
+    cache's other images, which then have no group). Zhang et al. build the groups within each split.
     """
 
     __name__ = "group_gap"
@@ -333,19 +342,30 @@ class GrammarReward:
 
     ``scorer`` must be the scorer whose text tower was fine-tuned together with the head
     (:func:`~clip_rl_trl.rewards.grammar.train_grammar_head` returns both); use that scorer for the other CLIP
-    rewards too, as Cho et al. do, and the grammar reward reads the same text pass. No image is needed.
+    rewards too, as Cho et al. do. Each completion is encoded after the prompt the head was trained with
+    (``head.prompt``; the released code: "A photo depicts "), so the head scores text as it saw it in
+    training; a CLIP-S reward with the same prompt shares the text pass. ``prompt``, when given, must equal
+    ``head.prompt``: a head trained on other text is refused. No image is needed.
     """
 
     __name__ = "grammar"
 
-    def __init__(self, scorer: ClipScorer, head: GrammarHead) -> None:
+    def __init__(self, scorer: ClipScorer, head: GrammarHead, prompt: str | None = None) -> None:
+        if prompt is not None and prompt != head.prompt:
+            raise ValueError(
+                f"grammar prompt {prompt!r} differs from {head.prompt!r}, the prompt the grammar head was "
+                "trained with: score with the training prompt (leave prompt unset) or train the head with "
+                f"prompt={prompt!r}"
+            )
         self.scorer = scorer
         self.head = head
+        self.prompt = head.prompt
 
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **columns: Any
     ) -> list[float]:
-        txt = self.scorer.encode_texts_shared(completion_texts(completions))
+        texts = completion_texts(completions)
+        txt = self.scorer.encode_texts_shared([self.prompt + t for t in texts])
         return _finite(self.head.reward(txt), self.__name__)
 
 

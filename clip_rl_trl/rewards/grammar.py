@@ -6,7 +6,9 @@ pairs plus a cross-entropy that teaches a small head to tell a caption (label 1)
 "grammatical" is then a reward that discourages the degenerate, repetitive captions a pure CLIP reward yields.
 
 The head reads the same pooled, projected, L2-normalised text embedding that ``ClipScorer.encode_texts``
-returns, so a training step's grammar reward reads the one text pass that the other rewards share.
+returns, so a training step's grammar reward reads the one text pass that the other rewards share. The head
+records the prompt its training texts started with (``head.prompt``; Cho et al.'s released code: "A photo
+depicts "), and scoring prepends the same one: a head only knows text as it saw it in training.
 """
 
 from __future__ import annotations
@@ -188,14 +190,19 @@ class GrammarHead(nn.Module):
 
     Class 1 is "grammatical". It reads the pooled, projected, L2-normalised embedding of
     ``ClipScorer.encode_texts`` (the released code reads the pooled feature before CLIP's projection).
-    It computes in float32 and moves itself to the device of its input.
+    It computes in float32 and moves itself to the device of its input. ``prompt`` is the text prepended to
+    every caption it is trained on (set by :func:`train_grammar_head`, saved with the weights); whoever scores
+    with the head prepends the same (:class:`~clip_rl_trl.rewards.callables.GrammarReward` does).
     """
 
-    def __init__(self, embed_dim: int, seed: int | None = None) -> None:
+    def __init__(self, embed_dim: int, seed: int | None = None, prompt: str = "") -> None:
         super().__init__()
         if embed_dim < 1:
             raise ValueError(f"embed_dim must be >= 1, got {embed_dim}")
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         self.embed_dim = int(embed_dim)
+        self.prompt = prompt
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -224,11 +231,12 @@ class GrammarHead(nn.Module):
             self.train(was_training)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write the weights to ``directory/grammar_head.safetensors`` (the config in its metadata)."""
+        """Write the weights to ``directory/grammar_head.safetensors``; the config (prompt included) in its metadata."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        save_file(weights, path / _HEAD_FILE, metadata={"config": json.dumps({"embed_dim": self.embed_dim})})
+        config = {"embed_dim": self.embed_dim, "prompt": self.prompt}
+        save_file(weights, path / _HEAD_FILE, metadata={"config": json.dumps(config)})
         return path / _HEAD_FILE
 
     @classmethod
@@ -243,7 +251,14 @@ class GrammarHead(nn.Module):
             metadata = f.metadata() or {}
         if "config" not in metadata:
             raise ValueError(f"{file} has no GrammarHead config in its metadata")
-        head = cls(**json.loads(metadata["config"]))
+        config = json.loads(metadata["config"])
+        if "prompt" not in config:
+            # Guessing would score text the head never saw; an older head did not record its prompt.
+            raise ValueError(
+                f"{file} does not record the prompt its head was trained with (saved before heads kept it): "
+                "train the head again"
+            )
+        head = cls(**config)
         head.load_state_dict(load_file(file))
         return head.to(device) if device is not None else head
 
@@ -328,8 +343,9 @@ def train_grammar_head(
     code does), so ``captions`` holds one caption or a list of captions per image. Negatives come from
     ``negatives`` (default ``GrammarNegativeSampler(seed)``), ``num_negatives`` per caption; averaging each
     class separately weighs captions and negatives equally, and equals the released code's plain mean for
-    one negative per caption. ``prompt`` is prepended to every text and must match the text the reward's
-    shared text pass encodes (the released code uses ``"A photo depicts "``).
+    one negative per caption. ``prompt`` is prepended to every text (the released code uses
+    ``"A photo depicts "``) and recorded as ``head.prompt``: ``GrammarReward`` and
+    :func:`evaluate_grammar_head` prepend the same prompt when they score.
 
     Returns a *new* ``ClipScorer`` holding the fine-tuned text tower (the input scorer is not changed) and
     the trained head. ``callback``, when given, receives each step's statistics: ``step``, ``epoch``,
@@ -367,7 +383,7 @@ def train_grammar_head(
     model.visual.eval()
     logit_scale = model.logit_scale.detach().exp().float()
 
-    head = GrammarHead(embed_dim, seed=seed).to(device)
+    head = GrammarHead(embed_dim, seed=seed, prompt=prompt).to(device)
     optimizer = torch.optim.AdamW(
         [
             {"params": text_params, "lr": lr},
@@ -390,7 +406,7 @@ def train_grammar_head(
                 index = order[start : start + batch_size]
                 positives = [rng.choice(groups[i]) for i in index]
                 negs = [neg for group in sampler(positives, num_negatives) for neg in group]
-                tokens = scorer.tokenize([prompt + text for text in positives + negs]).to(device)
+                tokens = scorer.tokenize([head.prompt + text for text in positives + negs]).to(device)
                 feats = _encode_with_grad(model, tokens)
                 pos_feats = feats[: len(index)]
                 logits = logit_scale * pos_feats @ image_emb[index].T
@@ -440,22 +456,22 @@ def evaluate_grammar_head(
     *,
     negatives: GrammarNegativeSampler | None = None,
     num_negatives: int = 1,
-    prompt: str = "",
     seed: int = 0,
 ) -> dict[str, float]:
     """Accuracy of ``head`` at telling ``captions`` (grammatical) from corrupted copies of them.
 
     Each caption and its negatives (from ``negatives``, default ``GrammarNegativeSampler(seed)``) are
-    encoded with ``scorer`` and classified at ``P(grammatical) > 0.5``. Returns ``accuracy`` (the mean of
-    ``accuracy_grammatical`` and ``accuracy_negative``, so both classes weigh the same), those two, the
-    mean ``prob_grammatical`` / ``prob_negative``, and ``accuracy_<kind>`` for each corruption kind.
+    encoded with ``scorer`` after the head's training prompt (``head.prompt``) and classified at
+    ``P(grammatical) > 0.5``. Returns ``accuracy`` (the mean of ``accuracy_grammatical`` and
+    ``accuracy_negative``, so both classes weigh the same), those two, the mean ``prob_grammatical`` /
+    ``prob_negative``, and ``accuracy_<kind>`` for each corruption kind.
     """
     if isinstance(captions, str) or not captions:
         raise ValueError("captions must be a non-empty sequence of strings")
     sampler = negatives if negatives is not None else GrammarNegativeSampler(seed)
     samples = [sampler.sample(c) for c in captions for _ in range(num_negatives)]
-    p_pos = head.reward(scorer.encode_texts([prompt + c for c in captions]))
-    p_neg = head.reward(scorer.encode_texts([prompt + text for text, _ in samples]))
+    p_pos = head.reward(scorer.encode_texts([head.prompt + c for c in captions]))
+    p_neg = head.reward(scorer.encode_texts([head.prompt + text for text, _ in samples]))
     kinds = [kind for _, kind in samples]
     correct_neg = (p_neg <= 0.5).float()
     result = {
