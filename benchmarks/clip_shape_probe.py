@@ -3,17 +3,22 @@
 Trains (or loads from the cache) the tiny CLIP with the given vision tower, embeds 3,000 "train" and 1,000
 "test" scenes, fits a logistic regression from the embedding to the first object's shape (and colour) on the
 first set and prints its accuracy on the second (chance: 0.20 for the five shapes, 1/6 for the six colours), also
-on single-object scenes alone, plus full-caption P@1 among 100. Commands behind docs/shapes_world.md:
+on single-object scenes alone, plus full-caption P@1 among 100, and the judge's binding accuracy: the share of
+(scene, hard negative) pairs, five ``ShapesWorld.hard_negative`` scenes per test scene, in which the scene's
+full caption scores above the negative's (colours, shapes or sizes exchanged between the objects, or one
+replaced; chance 0.5). Commands behind docs/shapes_world.md:
 
     python benchmarks/clip_shape_probe.py                                                   # the default ResNet
     python benchmarks/clip_shape_probe.py --vision-cfg '{"layers": 3, "width": 96, "patch_size": 8}' --epochs 12
     python benchmarks/clip_shape_probe.py --vision-cfg '{"layers": 3, "width": 96, "patch_size": 4}' --epochs 12
+    python benchmarks/clip_shape_probe.py --hard-negatives                # the NegCLIP-trained judge
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +48,7 @@ def main() -> None:
         "--vision-cfg", type=json.loads, default={}, help="JSON merged into the default tower"
     )
     parser.add_argument("--epochs", type=int, default=None, help="CLIP epochs (default: train_clip's)")
+    parser.add_argument("--hard-negatives", action="store_true", help="train_clip(hard_negatives=True)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads is not None:
@@ -51,6 +57,8 @@ def main() -> None:
     settings = {"vision_cfg": args.vision_cfg} if args.vision_cfg else {}
     if args.epochs is not None:
         settings["epochs"] = args.epochs
+    if args.hard_negatives:
+        settings["hard_negatives"] = True
     scorer = world.train_clip(**settings)
     train, test = world.to_dataset(3000, "train"), world.to_dataset(1000, "test")
 
@@ -77,6 +85,14 @@ def main() -> None:
             print(f"shape, single-object scenes: {acc:.3f}")
     r1 = recall_at_k(scorer.encode_texts(test["full_caption"][:100]).float(), x_test[:100], k=1)[1]
     print(f"full-caption R@1 among the first 100 test scenes: {r1:.3f}")
+    rng = random.Random("probe-negatives")
+    scenes = test["scene"]
+    true = scorer.encode_texts(test["full_caption"]).float()
+    pairs = [(i, world.describe(world.hard_negative(s, rng))) for i, s in enumerate(scenes) for _ in range(5)]
+    owner = torch.tensor([i for i, _ in pairs])
+    negative = scorer.encode_texts([caption for _, caption in pairs]).float()
+    right = (x_test[owner] * true[owner]).sum(1) > (x_test[owner] * negative).sum(1)
+    print(f"binding accuracy (full caption vs a hard negative, chance 0.5): {right.float().mean().item():.3f}")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ FAMILIES = ("clipcap", "blip", "vlm")
 SHAPES_DATA_KEYS = (
     "seed",
     "n_train",
+    "n_val",
     "n_test",
     "max_tokens",
     "gpt_layers",
@@ -953,14 +954,18 @@ def _lora_config(spec: Mapping[str, Any]) -> Any:
 
 def _trainer_datasets(context: RecipeContext, family: str, args: Any) -> tuple[Any, Any]:
     """ClipCap reads cached embeddings: its rows carry no image (an ``image`` column would switch on TRL's VLM
-    path); BLIP and VLMs read the image column."""
+    path); BLIP and VLMs read the image column. In the shapes world the trainer's evaluations (checkpoint
+    selection) see the validation scenes, with their scenes for grammar validity; the report sees the test
+    scenes."""
     train, eval_ = context.train, context.eval
+    if context.prepared is not None:
+        eval_ = context.prepared.val
     if family == "clipcap":
         train = train.select_columns(
             [c for c in (args.image_id_column, args.captions_column) if c in train.column_names]
         )
         eval_ = eval_.select_columns(
-            [c for c in (args.image_id_column, args.captions_column) if c in eval_.column_names]
+            [c for c in (args.image_id_column, args.captions_column, "scene") if c in eval_.column_names]
         )
     return train, eval_
 
@@ -1004,6 +1009,7 @@ def build(
             scorer=context.scorer,
             policy=policy,
             peft_config=_lora_config(spec),
+            world=context.prepared.world if context.prepared is not None else None,
         )
     except (TypeError, ValueError) as err:
         raise RecipeError(f"cannot build the trainer: {err}") from err

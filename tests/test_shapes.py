@@ -273,3 +273,35 @@ def test_default_clip_retrieves_full_captions() -> None:
     assert p1["full"] >= 0.90
     assert p1["human"] < p1["full"] - 0.4
     assert p1["shape"] < p1["colour shape"] < p1["size colour shape on a background"] < p1["full"]
+
+
+def test_hard_negative_changes_one_binding() -> None:
+    """A swap keeps the caption's words (a bag-of-words judge cannot tell it apart); a replacement changes one."""
+    import random
+
+    rng = random.Random(0)
+    kinds = set()
+    for scene in ShapesWorld(0).scenes(200, "train"):
+        negative = ShapesWorld.hard_negative(scene, rng)
+        assert negative != scene and negative["background"] == scene["background"]
+        before, after = ShapesWorld.describe(scene), ShapesWorld.describe(negative)
+        assert before != after and ShapesWorld.parse(after) is not None
+        changed = [(a, b) for a, b in zip(scene["objects"], negative["objects"], strict=True) if a != b]
+        assert all(a["position"] == b["position"] for a, b in changed)
+        if sorted(before.split()) == sorted(after.split()):
+            kinds.add("swap")
+            assert len(changed) == 2
+        else:
+            kinds.add("replace")
+            assert len(changed) == 1 and sum(a[k] != b[k] for a, b in changed for k in a) == 1
+    assert kinds == {"swap", "replace"}
+
+
+def test_train_clip_with_hard_negatives_is_another_judge(tmp_path) -> None:
+    world = ShapesWorld(0)
+    settings = dict(n_scenes=64, epochs=1, batch_size=32, cache_dir=tmp_path, progress=False, **TINY)
+    plain = world.train_clip(**settings)
+    negclip = world.train_clip(**settings, hard_negatives=True)
+    assert len(list((tmp_path / "shapes_clip").iterdir())) == 2  # its own cache entry
+    texts = ["a red circle", world.describe(TWO)]
+    assert not torch.allclose(plain.encode_texts(texts), negclip.encode_texts(texts))

@@ -248,6 +248,28 @@ class ShapesWorld:
         attributes = (*adjectives, "shape") + (("position",) if rng.random() < 0.15 else ())
         return self.describe(scene, attributes, objects, background=rng.random() < 0.1)
 
+    @staticmethod
+    def hard_negative(scene: Scene, rng: random.Random) -> Scene:
+        """A scene that differs from ``scene`` in one binding of an attribute to an object (NegCLIP's hard
+        negatives, Yuksekgonul et al. 2023): in a two-object scene, half the time the two objects exchange their
+        colours, shapes or sizes (when those differ); otherwise one object gets another colour, shape or size.
+        Its full caption uses the same words as ``scene``'s (a swap) or all but one: a judge that reads a
+        caption as a bag of words cannot tell the two apart."""
+        _check_scene(scene)
+        negative = copy.deepcopy(scene)
+        objects = negative["objects"]
+        if len(objects) == 2 and rng.random() < 0.5:
+            swappable = [a for a in ("colour", "shape", "size") if objects[0][a] != objects[1][a]]
+            if swappable:
+                attribute = rng.choice(swappable)
+                objects[0][attribute], objects[1][attribute] = objects[1][attribute], objects[0][attribute]
+                return negative
+        obj = rng.choice(objects)
+        attribute = rng.choice(("colour", "shape", "size"))
+        values = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}[attribute]
+        obj[attribute] = rng.choice([v for v in values if v != obj[attribute]])
+        return negative
+
     def _training_caption(self, scene: Scene, rng: random.Random) -> str:
         """A uniformly random partial caption, so the CLIP also scores every level of detail sensibly."""
         n_objects = len(scene["objects"])
@@ -394,6 +416,7 @@ class ShapesWorld:
         batch_size: int = 256,
         lr: float = 2e-3,
         partial_weight: float = 0.5,
+        hard_negatives: bool = False,
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
         force: bool = False,
@@ -409,7 +432,10 @@ class ShapesWorld:
         trained on ``n_scenes`` scenes of split ``"clip"`` (the captioners' ``"train"``/``"test"`` splits stay
         unseen) with AdamW and a one-cycle schedule peaking at ``lr``. Each step pairs every image with its full
         caption (symmetric InfoNCE, Radford et al. 2021) and with a random partial caption (text-to-image
-        InfoNCE, weighted ``partial_weight``), so shorter captions retrieve the images they fit.
+        InfoNCE, weighted ``partial_weight``), so shorter captions retrieve the images they fit. With
+        ``hard_negatives`` the image-to-text direction also sees, for every image, the full caption of its
+        :meth:`hard_negative` scene (NegCLIP, Yuksekgonul et al. 2023): the judge must bind each colour, shape and
+        size to its object instead of reading captions as bags of words.
 
         Weights are cached as safetensors under ``cache_dir`` (default ``$CLIP_RL_TRL_CACHE``, else
         ``~/.cache/clip_rl_trl``) in a folder keyed by a hash of the world, model config and training settings,
@@ -436,6 +462,8 @@ class ShapesWorld:
                 "lr": lr,
                 "partial_weight": partial_weight,
                 "seed": seed,
+                # Only when on, so judges trained before the option existed keep their cache key.
+                **({"hard_negatives": True} if hard_negatives else {}),
             },
         }
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -504,6 +532,7 @@ class ShapesWorld:
         )
         gen = torch.Generator().manual_seed(train["seed"])
         caption_rng = random.Random(f"shapes-clip-captions:{train['seed']}")
+        negative_rng = random.Random(f"shapes-clip-negatives:{train['seed']}")
         model.train()
         bar = tqdm(total=total, desc="training shapes CLIP", disable=not progress)
         for _ in range(train["epochs"]):
@@ -513,7 +542,12 @@ class ShapesWorld:
                 scale = model.logit_scale.exp()
                 logits = scale * txt @ img.T
                 target = torch.arange(len(idx), device=device)
-                loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+                image_logits = logits.T
+                if train.get("hard_negatives"):
+                    negatives = [self.describe(self.hard_negative(scenes[i], negative_rng)) for i in idx.tolist()]
+                    neg = F.normalize(model.encode_text(tokenizer(negatives).to(device)), dim=-1)
+                    image_logits = torch.cat([image_logits, scale * img @ neg.T], dim=1)
+                loss = (F.cross_entropy(logits, target) + F.cross_entropy(image_logits, target)) / 2
                 if train["partial_weight"] > 0:
                     captions = [self._training_caption(scenes[i], caption_rng) for i in idx.tolist()]
                     partial = tokenizer(captions).to(device)
