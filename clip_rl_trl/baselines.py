@@ -5,7 +5,7 @@ layout). Every baseline gives
 
 - :meth:`Baseline.advantages`: ``A_i = r_i - b_i`` for the samples;
 - :meth:`Baseline.per_image`: the baseline ``b`` of each image for a trajectory that is *not* one of the samples,
-  such as a ground-truth caption in Chaffin et al.'s ground-truth term ``-(r(gt) - b) log p(gt | I)``;
+  such as a ground-truth caption in Chaffin et al.'s ground-truth term (:func:`ground_truth_weights`);
 - :meth:`Baseline.update`: called once per step with that step's rewards, after the advantages were computed,
   so a stateful baseline only ever uses past rewards; ``state_dict`` / ``load_state_dict`` for exact resumption.
 

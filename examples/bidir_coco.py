@@ -5,8 +5,8 @@ Reinforcement Learning" (WACV), the full method:
   in both retrieval directions (each caption against the batch's other images, each image against the batch's
   other captions; temperature 0.01), regularised by an MLP discriminator on CLIP embeddings trained online to
   tell references from generated captions (docs/rewards/bidirectional.md, docs/rewards/discriminator.md);
-- the RL term on ground-truth captions, ``-(r(gt) - b) * mean_t log p(gt_t | image, gt_<t)``, added with
-  weight ``gt_loss_weight`` (docs/trainer.md).
+- the RL term on ground-truth captions, each reference weighted by its reward kept non-negative,
+  ``-max(r(gt), 0) * log p(gt | image)``, added with weight ``gt_loss_weight`` (docs/trainer.md).
 
 The recipe (data, CLIP judge, captioner, rewards, CaptionRLConfig) is examples/configs/bidir_coco.yaml.
 

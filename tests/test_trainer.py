@@ -198,6 +198,25 @@ def test_ground_truth_term_sign_under_each_weighting(setup, tmp_path, weighting,
     assert logs["train/gt_negative_weight_share"] == (1.0 if negative else 0.0)
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_ground_truth_term_is_reduced_like_the_policy_loss(setup, tmp_path, loss_type) -> None:
+    """The term's tokens are reduced as TRL reduces the policy loss of ``loss_type``: checked against a hand
+    reduction of the same per-token values."""
+    data, scorer, cache, tokenizer = setup
+    trainer = make_trainer(setup, make_args(tmp_path, loss_type=loss_type, max_completion_length=10))
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    expected = {
+        "dapo": 15.0 / 5,  # token sum / tokens of the generation batch (one process, no accumulation)
+        "grpo": (6.0 / 3 + 9.0 / 2) / 2,  # per-caption token mean, then mean over captions
+        "bnpo": 15.0 / 5,
+        "dr_grpo": 15.0 / (2 * 10),  # / (captions x max_completion_length)
+    }[loss_type]
+    got = trainer._aggregate_like_policy(per_token, mask, mask.sum(), "train")
+    assert got.item() == pytest.approx(expected)
+
+
 def test_clear_errors_before_training(setup, tmp_path) -> None:
     data, scorer, cache, tokenizer = setup
     with pytest.raises(ValueError, match="'captions'.*gt_loss_weight"):
