@@ -209,7 +209,7 @@ def run_one(prepared: Any, config: Any, evaluator: Evaluator, name: str, seed: i
         where = torch.cuda.get_device_name()
 
     def record(step: int, metrics: dict[str, dict[str, float]]) -> None:
-        entry = {"recipe": name, "seed": seed, "step": step, "steps": args.steps, "run": attempt,
+        entry = {"recipe": name, "seed": seed, "step": step, "steps": args.steps, "run": attempt, "demo": args.demo,
                  **metrics["test"], "val": metrics["val"], "seconds": round(time.perf_counter() - start, 1),
                  "device": where}
         with args.output.open("a") as f:
@@ -235,7 +235,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from clip_rl_trl.demo import DemoConfig, prepare
 
     torch.set_num_threads(args.threads)
-    config = DemoConfig(n_val=args.n_val)
+    config = DemoConfig(n_val=args.n_val, **args.demo)
     runs = [(name, seed) for name in args.rows for seed in (args.seeds[:1] if ROWS[name].sweep else args.seeds)]
     index, count = (int(x) for x in args.shard.split("/"))
     runs = runs[index::count]
@@ -389,6 +389,8 @@ def main() -> None:
     run.add_argument("--n-val", type=int, default=200, help="validation scenes (>= 100 for P@1 among 100)")
     run.add_argument("--shard", default="0/1", help="K/N: run every N-th of the runs, starting at the K-th")
     run.add_argument("--threads", type=int, default=1, help="torch threads (one per process on a shared CPU)")
+    run.add_argument("--demo", type=json.loads, default={},
+                     help='JSON of DemoConfig fields to change, e.g. \'{"clip_hard_negatives": true}\'')
     run.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     run.set_defaults(func=cmd_run)
     report = sub.add_parser("report", help="table and figures from --output")

@@ -42,6 +42,8 @@ class DemoConfig:
     """Settings of the demo: the world, the MLE captioner, Chaffin et al.'s recipe, and the evaluation."""
 
     seed: int = 0
+    # The judge: the world's tiny CLIP; hard_negatives trains it with NegCLIP's swapped-attribute negatives.
+    clip_hard_negatives: bool = False
     n_train: int = 2000  # training scenes (RL and MLE)
     n_val: int = 200  # validation scenes: where settings and checkpoints are selected, never the test scenes
     n_test: int = 200  # held-out scenes, evaluated before and after (P@1 draws 99 distractors among them)
@@ -74,6 +76,8 @@ class DemoConfig:
     eval_num_beams: int = 3
 
     def __post_init__(self) -> None:
+        if not isinstance(self.clip_hard_negatives, bool):
+            raise ValueError(f"clip_hard_negatives must be true or false, got {self.clip_hard_negatives!r}")
         for name in ("n_val", "n_test"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 100:
@@ -155,7 +159,7 @@ def prepare(config: DemoConfig, cache_dir: Path | None = None, progress: bool = 
     """The world, its tiny CLIP, the image embeddings and the MLE captioner (the last two cached)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     world = ShapesWorld(seed=config.seed)
-    scorer = world.train_clip(cache_dir=cache_dir, progress=progress)
+    scorer = world.train_clip(cache_dir=cache_dir, progress=progress, hard_negatives=config.clip_hard_negatives)
     train = world.to_dataset(config.n_train, "train")
     val = world.to_dataset(config.n_val, "val")
     test = world.to_dataset(config.n_test, "test")

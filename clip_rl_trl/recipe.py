@@ -82,6 +82,7 @@ FAMILIES = ("clipcap", "blip", "vlm")
 # The shapes world's data keys are the DemoConfig fields that shape the world and its MLE captioner.
 SHAPES_DATA_KEYS = (
     "seed",
+    "clip_hard_negatives",
     "n_train",
     "n_val",
     "n_test",

@@ -23,6 +23,7 @@ def test_quick_changes_only_demo_fields() -> None:
     [
         ({"n_test": 50}, "n_test must be >= 100"),
         ({"n_val": 99}, "n_val must be >= 100"),
+        ({"clip_hard_negatives": "yes"}, "clip_hard_negatives must be true or false"),
         ({"steps": 0}, "steps must be a positive integer"),
         ({"num_generations": 1.5}, "num_generations must be a positive integer"),
     ],
