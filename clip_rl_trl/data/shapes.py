@@ -416,7 +416,7 @@ class ShapesWorld:
         batch_size: int = 256,
         lr: float = 2e-3,
         partial_weight: float = 0.5,
-        hard_negatives: bool = False,
+        hard_negatives: bool = True,
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
         force: bool = False,
@@ -462,7 +462,7 @@ class ShapesWorld:
                 "lr": lr,
                 "partial_weight": partial_weight,
                 "seed": seed,
-                # Only when on, so judges trained before the option existed keep their cache key.
+                # Only when on, so judges trained without them keep the cache key they had before the option.
                 **({"hard_negatives": True} if hard_negatives else {}),
             },
         }
