@@ -274,14 +274,18 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         fluent = [r for r in rs if r["step"] > 0 and r["val"]["grammar_valid"] >= FLUENT]
         best = max(fluent, key=lambda r: (r["val"]["p_at_1_100"], -r["step"])) if fluent else None
         entry = table.setdefault(recipe, {"seeds": [], "degenerate": [], "steps": last["steps"], "best": [],
-                                          "best_step": [], "final": [], "final_grammar": [], "final_precision": []})
+                                          "best_step": [], "final": [], "final_grammar": [], "final_precision": [],
+                                          "final_cider": [], "final_length": [], "lowest_grammar": []})
         entry["seeds"].append(seed)
         entry["degenerate"].append(degenerate)
         entry["best"].append(best["p_at_1_100"] if best else None)
         entry["best_step"].append(best["step"] if best else None)
         entry["final"].append(last["p_at_1_100"])
         entry["final_grammar"].append(last["grammar_valid"])
-        entry["final_precision"].append(last.get("attribute_precision", float("nan")))
+        entry["final_precision"].append(last.get("attribute_precision"))
+        entry["final_cider"].append(last["cider_d"])
+        entry["final_length"].append(last["mean_length"])
+        entry["lowest_grammar"].append(min(r["grammar_valid"] for r in rs))
     return table
 
 
@@ -297,14 +301,15 @@ def _fmt(values: list[float | None], digits: int = 3) -> str:
 def markdown(table: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| recipe | seeds | steps to degeneration (grammar < 0.9) | best fluent P@1 (val-selected step) | "
-        "final P@1 | final grammar | final attribute precision |",
-        "|---|---:|---|---|---|---|---|",
+        "final P@1 | final grammar (lowest) | final attribute precision | final CIDEr-D | final length |",
+        "|---|---:|---|---|---|---|---|---|---|",
     ]
     for recipe, e in table.items():
         degen = ", ".join(str(d) if d is not None else f"> {e['steps']}" for d in e["degenerate"])
         steps = ", ".join(str(s) if s is not None else "–" for s in e["best_step"])
         lines.append(f"| {recipe} | {len(e['seeds'])} | {degen} | {_fmt(e['best'])} (steps {steps}) | "
-                     f"{_fmt(e['final'])} | {_fmt(e['final_grammar'])} | {_fmt(e['final_precision'])} |")
+                     f"{_fmt(e['final'])} | {_fmt(e['final_grammar'])} ({min(e['lowest_grammar']):.3f}) | "
+                     f"{_fmt(e['final_precision'])} | {_fmt(e['final_cider'])} | {_fmt(e['final_length'], 1)} |")
     return "\n".join(lines)
 
 
