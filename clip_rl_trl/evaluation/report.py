@@ -44,8 +44,9 @@ DEMO_COLUMNS: tuple[str, ...] = (
 )
 
 # The training curves ``write_report`` plots, when the history has them (TRL logs the mean total reward as
-# "reward"; the evaluation callback logs P@1 among 100 under "eval/").
-TRAINING_KEYS: tuple[str, ...] = ("reward", "eval/p_at_1_100")
+# "reward"; evaluations log P@1 among 100 and, in the shapes world, grammar validity under "eval/": a run that
+# turns distinctive by losing its grammar shows it here).
+TRAINING_KEYS: tuple[str, ...] = ("reward", "eval/p_at_1_100", "eval/grammar_valid")
 
 _MISSING = "–"
 _STYLES = ("markdown", "plain")
@@ -260,7 +261,7 @@ def plot_training(
     history: Sequence[Mapping[str, Any]],
     path: str | os.PathLike[str],
     *,
-    keys: Sequence[str] = TRAINING_KEYS,
+    keys: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
     """Plot training curves, one subplot per metric in ``keys`` against the training step; write a PNG.
@@ -269,7 +270,8 @@ def plot_training(
         history: a ``trainer.state.log_history``-like list of dicts, each with ``"step"`` and some metrics;
             a curve uses only the entries that have its key (training and evaluation entries interleave).
         path: the PNG to write (parent folders are created).
-        keys: the metrics to plot, one subplot each, stacked and sharing the step axis.
+        keys: the metrics to plot, one subplot each, stacked and sharing the step axis (default: those of
+            ``TRAINING_KEYS`` that ``history`` holds).
         title: a title over the figure.
 
     Returns:
@@ -280,7 +282,15 @@ def plot_training(
             that do), or an entry with a plotted key has no ``"step"``.
         TypeError: a plotted value or a step is not a number.
     """
+    if keys is None:
+        keys = _logged_training_keys(history) or TRAINING_KEYS
     return _draw_training(_training_curves(history, keys), path, title)
+
+
+def _logged_training_keys(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The keys of ``TRAINING_KEYS`` that some entry of ``history`` holds, in that order."""
+    logged = {k for entry in history if isinstance(entry, Mapping) for k in entry}
+    return [k for k in TRAINING_KEYS if k in logged]
 
 
 def plot_tradeoff(
@@ -630,9 +640,9 @@ def write_report(
     if history is not None:
         if isinstance(history, Mapping) or not isinstance(history, Sequence):
             raise TypeError(f"history must be a list of dicts (log_history), got {type(history).__name__}")
-        logged = {k for entry in history if isinstance(entry, Mapping) for k in entry}
-        plot_keys = [k for k in TRAINING_KEYS if k in logged]
+        plot_keys = _logged_training_keys(history)
         if not plot_keys:
+            logged = {k for entry in history if isinstance(entry, Mapping) for k in entry}
             raise ValueError(
                 f"history has none of the training curves {list(TRAINING_KEYS)}; its keys are {sorted(logged)}"
             )
