@@ -8,10 +8,10 @@ on single-object scenes alone, plus full-caption P@1 among 100, and the judge's 
 full caption scores above the negative's (colours, shapes or sizes exchanged between the objects, or one
 replaced; chance 0.5). Commands behind docs/shapes_world.md:
 
-    python benchmarks/clip_shape_probe.py                                                   # the default ResNet
-    python benchmarks/clip_shape_probe.py --vision-cfg '{"layers": 3, "width": 96, "patch_size": 8}' --epochs 12
-    python benchmarks/clip_shape_probe.py --vision-cfg '{"layers": 3, "width": 96, "patch_size": 4}' --epochs 12
-    python benchmarks/clip_shape_probe.py --hard-negatives                # the NegCLIP-trained judge
+    python benchmarks/clip_shape_probe.py                                     # the default ResNet, NegCLIP
+    python benchmarks/clip_shape_probe.py --vision-cfg '{"layers": 3, "width": 96, "patch_size": 8}' --epochs 12 --no-hard-negatives
+    python benchmarks/clip_shape_probe.py --vision-cfg '{"layers": 3, "width": 96, "patch_size": 4}' --epochs 12 --no-hard-negatives
+    python benchmarks/clip_shape_probe.py --no-hard-negatives   # the judge without NegCLIP's hard negatives
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def main() -> None:
         "--vision-cfg", type=json.loads, default={}, help="JSON merged into the default tower"
     )
     parser.add_argument("--epochs", type=int, default=None, help="CLIP epochs (default: train_clip's)")
-    parser.add_argument("--hard-negatives", action="store_true", help="train_clip(hard_negatives=True)")
+    parser.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
+                        help="train_clip(hard_negatives=...): NegCLIP's swapped-attribute negatives (default on)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads is not None:
@@ -57,8 +58,7 @@ def main() -> None:
     settings = {"vision_cfg": args.vision_cfg} if args.vision_cfg else {}
     if args.epochs is not None:
         settings["epochs"] = args.epochs
-    if args.hard_negatives:
-        settings["hard_negatives"] = True
+    settings["hard_negatives"] = args.hard_negatives
     scorer = world.train_clip(**settings)
     train, test = world.to_dataset(3000, "train"), world.to_dataset(1000, "test")
 
