@@ -30,3 +30,19 @@ def make_tiny_scorer(seed: int = 0, batch_size: int = 256) -> ClipScorer:
 def scorer() -> ClipScorer:
     """A fresh tiny scorer per test module (a scorer keeps counters and its shared-text memory)."""
     return make_tiny_scorer()
+
+
+@pytest.fixture
+def groups_spy(monkeypatch) -> list[dict]:
+    """Record every call of ``neighbors.groups_within_split`` (arguments and the groups it returned)."""
+    import clip_rl_trl.neighbors
+
+    calls: list[dict] = []
+    real = clip_rl_trl.neighbors.groups_within_split
+
+    def spy(img_emb, k, **kwargs):
+        calls.append({"img_emb": img_emb, "k": k, **kwargs, "groups": real(img_emb, k, **kwargs)})
+        return calls[-1]["groups"]
+
+    monkeypatch.setattr(clip_rl_trl.neighbors, "groups_within_split", spy)
+    return calls

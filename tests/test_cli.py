@@ -268,24 +268,13 @@ def test_eval_scores_a_captions_file(shapes_dir, tmp_path, capsys) -> None:
     assert again["recall_at_1"] == pytest.approx(metrics["recall_at_1"])
 
 
-def test_eval_geg_groups_by_eq2_within_the_scored_split(shapes_dir, tmp_path, monkeypatch, capsys) -> None:
-    import clip_rl_trl.neighbors
-
+def test_eval_geg_groups_by_eq2_within_the_scored_split(shapes_dir, tmp_path, groups_spy, capsys) -> None:
     scenes = ShapesWorld(seed=0).to_dataset(8, "test")
     captions = tmp_path / "captions.jsonl"
     captions.write_text(
         "".join(json.dumps({"image_id": i, "caption": "a circle"}) + "\n" for i in scenes["image_id"])
     )
-    calls = []
-    groups_within_split = clip_rl_trl.neighbors.groups_within_split
-
-    def spy(img_emb, k, **kwargs):
-        calls.append(
-            {"img_emb": img_emb, "k": k, **kwargs, "groups": groups_within_split(img_emb, k, **kwargs)}
-        )
-        return calls[-1]["groups"]
-
-    monkeypatch.setattr(clip_rl_trl.neighbors, "groups_within_split", spy)
+    calls = groups_spy
     base = ["eval", "--captions", str(captions), "--dataset", str(shapes_dir / "scenes"), "--clip", TINY_CLIP]
     base += ["--no-coco-metrics", "-k", "3", "--output", str(tmp_path / "m.json")]
     assert main(base) == 0

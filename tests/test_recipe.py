@@ -425,21 +425,11 @@ def test_two_step_run_writes_model_card_report_and_captions(tiny_setup) -> None:
     assert metrics["p_at_1_100"] == pytest.approx(report["after"]["p_at_1_100"])
 
 
-def test_evaluation_geg_groups_are_eq2_within_the_evaluation_split(tiny_setup, tmp_path, monkeypatch) -> None:
-    import clip_rl_trl.neighbors
+def test_evaluation_geg_groups_are_eq2_within_the_evaluation_split(tiny_setup, tmp_path, groups_spy) -> None:
     from clip_rl_trl.rewards.functional import group_embedding_gap
 
     root, path = tiny_setup
-    calls = []
-    groups_within_split = clip_rl_trl.neighbors.groups_within_split
-
-    def spy(img_emb, k, **kwargs):
-        calls.append(
-            {"img_emb": img_emb, "k": k, **kwargs, "groups": groups_within_split(img_emb, k, **kwargs)}
-        )
-        return calls[-1]["groups"]
-
-    monkeypatch.setattr(clip_rl_trl.neighbors, "groups_within_split", spy)
+    calls = groups_spy
     metrics, captions, ids = evaluate_saved(load_recipe(path), root / "clipcap", tmp_path, progress=False)
     (call,) = calls
     refs = ShapesWorld(seed=0).to_dataset(8, "test")["captions"]
