@@ -246,7 +246,7 @@ def fine_tune(
     """RL on a copy of the MLE captioner; returns the trainer (its model is the result).
 
     ``rewards`` are ``(reward function, weight)`` pairs, Chaffin et al.'s by default; ``overrides`` are extra
-    ``CaptionRLConfig`` fields (``train_decoding="greedy"``, ...), for the ablation's other recipes.
+    ``CaptionRLConfig`` fields (``train_decoding="greedy"``, ...), for the long-training study's other recipes.
     ``callbacks`` replace the demo's test-P@1 curve (greedy captions of the test scenes every ``eval_every``
     steps) with the caller's own trainer callbacks.
     """
