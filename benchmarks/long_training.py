@@ -25,8 +25,9 @@ each)::
     python benchmarks/long_training.py run --seeds 0 1 2 --shard 0/2
     python benchmarks/long_training.py report      # figures + table from the JSON lines
 
-``report`` writes ``long_training.md`` (steps to degeneration, best val-selected and final P@1 at grammar >=
-0.95, per recipe), ``long_training_curves.png`` and ``long_training_tradeoff.png`` next to the output.
+``report`` writes ``long_training.md`` next to the output (steps to degeneration, best val-selected and final P@1
+at grammar >= 0.95, per recipe) and ``long_training_curves.png`` and ``long_training_tradeoff.png`` into
+``--figures`` (default ``docs/img``).
 """
 
 from __future__ import annotations
@@ -316,7 +317,7 @@ def markdown(table: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plots(records: list[dict[str, Any]], output: Path) -> list[Path]:
+def plots(records: list[dict[str, Any]], output: Path, folder: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,7 +349,8 @@ def plots(records: list[dict[str, Any]], output: Path) -> list[Path]:
     axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.suptitle("Held-out test scenes, greedy captions: mean over seeds, band = min..max", fontsize=10)
     fig.tight_layout()
-    curves = output.with_name(output.stem + "_curves.png")
+    folder.mkdir(parents=True, exist_ok=True)
+    curves = folder / f"{output.stem}_curves.png"
     fig.savefig(curves, dpi=110)
     plt.close(fig)
 
@@ -367,7 +369,7 @@ def plots(records: list[dict[str, Any]], output: Path) -> list[Path]:
     ax.set_title("Trade-off over training (mean over seeds; dot = last step)", fontsize=10)
     ax.legend(fontsize=6, loc="lower left")
     fig.tight_layout()
-    tradeoff = output.with_name(output.stem + "_tradeoff.png")
+    tradeoff = folder / f"{output.stem}_tradeoff.png"
     fig.savefig(tradeoff, dpi=110)
     plt.close(fig)
     return [curves, tradeoff]
@@ -381,7 +383,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     devices = sorted({r.get("device", "?") for r in records})
     text += f"\n\nFrom {args.output.name}; measured on: {', '.join(devices)}.\n"
     args.output.with_suffix(".md").write_text(text)
-    files = plots(records, args.output)
+    files = plots(records, args.output, args.figures)
     print(text)
     print("wrote", args.output.with_suffix(".md"), *files)
 
@@ -403,6 +405,8 @@ def main() -> None:
     run.set_defaults(func=cmd_run)
     report = sub.add_parser("report", help="table and figures from --output")
     report.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    report.add_argument("--figures", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "img",
+                        help="folder of the two PNGs (default: docs/img, where docs/benchmarks.md shows them)")
     report.set_defaults(func=cmd_report)
     args = parser.parse_args()
     args.func(args)
