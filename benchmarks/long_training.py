@@ -348,7 +348,7 @@ def plots(records: list[dict[str, Any]], output: Path, folder: Path) -> list[Pat
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.suptitle("Held-out test scenes, greedy captions: mean over seeds, band = min..max", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # leave the suptitle its own row
     folder.mkdir(parents=True, exist_ok=True)
     curves = folder / f"{output.stem}_curves.png"
     fig.savefig(curves, dpi=110)
