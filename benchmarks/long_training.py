@@ -144,27 +144,21 @@ ROWS: dict[str, Row] = {
 
 
 class Evaluator:
-    """Greedy captions of the val and test scenes, scored with ``evaluate_captions`` and CIDEr-D."""
+    """Greedy captions of the val and test scenes (``demo.evaluate_test``), plus CIDEr-D and caption length."""
 
     def __init__(self, prepared: Any, config: Any) -> None:
         from clip_rl_trl.rewards.cider import CiderD
 
         self.prepared, self.config = prepared, config
-        self.splits = {
-            name: (prepared.cache[data["image_id"]].float(), data["captions"], data["scene"])
-            for name, data in (("val", prepared.val), ("test", prepared.test))
-        }
-        self.cider = {name: CiderD(refs) for name, (_, refs, _) in self.splits.items()}
+        self.refs = {"val": prepared.val["captions"], "test": prepared.test["captions"]}
+        self.cider = {name: CiderD(refs) for name, refs in self.refs.items()}
 
     def __call__(self, model: Any) -> dict[str, dict[str, float]]:
-        from clip_rl_trl.demo import caption_images
-        from clip_rl_trl.evaluation.evaluate import evaluate_captions
+        from clip_rl_trl.demo import evaluate_test
 
-        p, out = self.prepared, {}
-        for name, (emb, refs, scenes) in self.splits.items():
-            captions = caption_images(model, p.tokenizer, emb, num_beams=1, max_new_tokens=self.config.max_tokens)
-            m = evaluate_captions(captions, emb, p.scorer, world=p.world, scenes=scenes, coco_metrics=False,
-                                  seed=self.config.seed)
+        out = {}
+        for name, refs in self.refs.items():
+            m, captions = evaluate_test(self.prepared, model, self.config, full=False, num_beams=1, split=name)
             metrics = {k: float(m[k]) for k in METRICS if k in m}
             metrics["mean_length"] = sum(len(c.split()) for c in captions) / len(captions)
             metrics["cider_d"] = float(self.cider[name].score(captions, refs).mean())
