@@ -15,7 +15,7 @@ from clip_rl_trl.models.policies import (
     CausalVLMPolicy,
     ClipCapPolicy,
 )
-from clip_rl_trl.neighbors import similar_image_groups
+from clip_rl_trl.neighbors import groups_within_split, similar_image_groups
 from clip_rl_trl.recipe import load_recipe
 from clip_rl_trl.rewards import functional
 from clip_rl_trl.rewards.callables import (
@@ -56,6 +56,7 @@ __all__ = [
     "format_table",
     "functional",
     "GrammarHead",
+    "groups_within_split",
     "GrammarReward",
     "GroupGapReward",
     "ImageEmbeddingCache",

@@ -335,6 +335,13 @@ def test_selection_score_ranks_fluent_checkpoints_first(setup, world, tmp_path) 
         make_trainer(setup, args, eval_dataset=data).evaluate()  # no world: no grammar validity
     with pytest.raises(ValueError, match="'scene' column"):
         make_trainer(setup, args, eval_dataset=data.remove_columns("scene"), world=world).evaluate()
+    # Caught when the trainer is built, before any training step.
+    with pytest.raises(ValueError, match="'grammar_valid'.*world"):
+        make_trainer(setup, args, eval_dataset=data)
+    with pytest.raises(ValueError, match="'scene' column"):
+        make_trainer(setup, args, eval_dataset=data.remove_columns("scene"), world=world)
+    with pytest.raises(ValueError, match="'cider'.*eval_coco_metrics=True"):
+        make_trainer(setup, make_args(tmp_path, eval_coco_metrics=False, fluency_metric="cider"), eval_dataset=data)
 
 
 def test_load_best_model_at_end_keeps_the_best_selection_score(setup, world, tmp_path) -> None:

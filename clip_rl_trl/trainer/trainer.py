@@ -33,6 +33,7 @@ from clip_rl_trl.baselines import ground_truth_weights, make_baseline
 from clip_rl_trl.clip import ClipScorer
 from clip_rl_trl.embeddings import ImageEmbeddingCache
 from clip_rl_trl.evaluation import evaluate_captions
+from clip_rl_trl.evaluation.nlg import NLG_KEYS
 from clip_rl_trl.models.clipcap import tokenize_captions
 from clip_rl_trl.models.policies import CaptionPolicy, completion_mask, policy_for
 from clip_rl_trl.rewards.callables import DiscriminatorReward
@@ -40,6 +41,7 @@ from clip_rl_trl.trainer.config import CaptionRLConfig
 from clip_rl_trl.trainer.model_card import model_card_text
 
 STATE_FILE = "caption_rl_state.json"
+_WORLD_METRICS = ("grammar_valid", "attribute_precision", "attribute_recall")
 _TRL_KWARGS = ("trainer_state", "log_extra", "log_metric")
 
 
@@ -104,9 +106,11 @@ class CaptionRLTrainer(GRPOTrainer):
         self.policy = policy or policy_for(
             model, self.image_cache, args.image_id_column, processing_class, image_column=args.image_column
         )
+        self.world = world
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None:
                 self._check_dataset(name, dataset, args, reward_funcs)
+        self._check_selection(args)
         if getattr(model, "generation_config", None) is None:
             from transformers import GenerationConfig
 
@@ -140,7 +144,6 @@ class CaptionRLTrainer(GRPOTrainer):
         self.beta = beta
         self.ref_model = None if reference is None else reference.to(self.accelerator.device)
         self._loss_image_inputs: dict[str, torch.Tensor] | None = None
-        self.world = world
         self.last_eval_metrics: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ checks
@@ -159,6 +162,8 @@ class CaptionRLTrainer(GRPOTrainer):
                 column = getattr(func, attr, None)
                 if column is not None:
                     needed.setdefault(column, f"reward {getattr(func, '__name__', func)!r}")
+        if name == "eval_dataset" and self.world is not None:
+            needed["scene"] = "with world= the world's metrics read the 'scene' column"
         for column, why in needed.items():
             if column not in columns:
                 raise ValueError(f"{name} has no column {column!r} ({why}); its columns are {columns}")
@@ -168,6 +173,18 @@ class CaptionRLTrainer(GRPOTrainer):
                 raise ValueError(
                     f"{name}: {len(missing)} image id(s) are not in the image-embedding cache, e.g. {missing[:5]}"
                 )
+
+    def _check_selection(self, args: CaptionRLConfig) -> None:
+        """A selection metric the evaluations cannot compute fails here, not at the first evaluation."""
+        selecting = (args.metric_for_best_model or "").removeprefix("eval_") == "selection_score"
+        for key in [args.fluency_metric] + ([args.selection_metric] if selecting else []):
+            if key in _WORLD_METRICS and self.world is None:
+                raise ValueError(
+                    f"checkpoint selection reads {key!r}, which only a world computes: pass world= (the shapes "
+                    "world) or choose another metric"
+                )
+            if key in NLG_KEYS and not args.eval_coco_metrics:
+                raise ValueError(f"checkpoint selection reads {key!r}: set eval_coco_metrics=True")
 
     # ------------------------------------------------------------------ rewards
 
