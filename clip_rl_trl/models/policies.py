@@ -101,9 +101,44 @@ class ClipCapPolicy(CaptionPolicy):
         return model(input_ids=ids, attention_mask=mask, image_embeds=image_inputs["image_embeds"]).logits
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def unwrap_peft(model: nn.Module) -> nn.Module:
     """The model under a PEFT wrapper (its LoRA layers are injected in place, so its sub-modules are live)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@torch.no_grad()
+def caption_rows(
+    model: nn.Module,
+    policy: CaptionPolicy,
+    rows: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    device: torch.device | None = None,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """One caption per row of ``rows``, decoded up to its first EOS: the one captioning loop of the library.
+
+    ``generate_kwargs`` go to ``policy.generate`` (``do_sample=False, num_beams=3`` for evaluation captions); the
+    model is put in eval mode for the loop and restored after.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    captions: list[str] = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            ids = policy.generate(model, policy.image_inputs(rows[start : start + batch_size], device), **generate_kwargs)
+            mask = completion_mask(ids, tokenizer.eos_token_id)
+            captions += [
+                tokenizer.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True).strip()
+                for row, m in zip(ids, mask, strict=True)
+            ]
+    finally:
+        model.train(was_training)
+    return captions
 
 
 def _load_images(rows: Sequence[Mapping[str, Any]], column: str) -> list[Any]:
@@ -197,7 +232,7 @@ class BlipPolicy(CaptionPolicy):
     def generate(
         self, model: nn.Module, image_inputs: Mapping[str, torch.Tensor], **kwargs: Any
     ) -> torch.Tensor:
-        base = _base_model(model)
+        base = unwrap_peft(model)
         pixels = image_inputs["pixel_values"]
         patches = base.vision_model(pixel_values=pixels.to(base.dtype)).last_hidden_state
         prefix = self._prefix(pixels.shape[0], pixels.device)
@@ -425,7 +460,7 @@ def policy_for(
 
     from clip_rl_trl.models.clipcap import ClipCapModel
 
-    base = _base_model(model)
+    base = unwrap_peft(model)
     is_processor = hasattr(tokenizer, "image_processor") and hasattr(tokenizer, "tokenizer")
     if isinstance(base, ClipCapModel):
         if cache is None:
