@@ -6,14 +6,9 @@ import math
 import pytest
 from PIL import Image, ImageDraw
 
-from clip_rl_trl.evaluation.report import (
-    caption_grid,
-    format_table,
-    mean_std,
-    plot_tradeoff,
-    plot_training,
-    write_report,
-)
+from clip_rl_trl.evaluation.plots import TRAINING_KEYS, caption_grid, plot_tradeoff, plot_training
+from clip_rl_trl.evaluation.report import write_report
+from clip_rl_trl.evaluation.tables import HEADLINE_METRICS, format_table, headline_table, mean_std
 
 BEFORE = {
     "p_at_1_100": 0.05,
@@ -62,11 +57,15 @@ def history() -> list[dict]:
 
 def test_format_table_markdown_exact():
     text = format_table({"before": BEFORE, "after": AFTER}, ["p_at_1_100", "vocab_size", "grammar_valid"])
+    # tabulate's "pipe" layout: headers padded by two, the row names' rule marked left-aligned.
     assert text == (
-        "|        | p_at_1_100 | vocab_size | grammar_valid |\n"
-        "|--------|-----------:|-----------:|--------------:|\n"
-        "| before |      0.050 |         12 |             – |\n"
-        "| after  |      0.410 |         20 |         0.970 |"
+        "|        |   p_at_1_100 |   vocab_size |   grammar_valid |\n"
+        "|:-------|-------------:|-------------:|----------------:|\n"
+        "| before |        0.050 |           12 |               – |\n"
+        "| after  |        0.410 |           20 |           0.970 |"
+    )
+    assert format_table({"before": BEFORE, "after": AFTER}, ["p_at_1_100"], style="github") == format_table(
+        {"before": BEFORE, "after": AFTER}, ["p_at_1_100"]
     )
 
 
@@ -88,6 +87,12 @@ def test_format_table_mean_std_cell_and_escaping():
     text = format_table({"run|1": {"p": (mean, std)}, "run2": {}}, ["p"])
     assert text.splitlines()[2] == "| run\\|1 | 0.520 ± 0.020 |"
     assert text.splitlines()[3] == "| run2   |             – |"
+    # A pipe is escaped once, a line break folded, in the row names, the headers and the plain text alike.
+    text = format_table({"a|b\nc": {"x|y": 1}}, style="markdown")
+    assert text.splitlines()[0] == "|        |   x\\|y |"
+    assert text.splitlines()[2] == "| a\\|b c |      1 |"
+    assert "\\\\|" not in text
+    assert format_table({"a|b": {"x": 1}}, style="plain").splitlines()[2] == "a|b    1"
 
 
 def test_format_table_errors():
@@ -99,6 +104,44 @@ def test_format_table_errors():
         format_table({"a": {"skipped": {}}})
     with pytest.raises(TypeError, match=r"\['a', 'skipped'\]"):
         format_table({"a": BEFORE}, ["skipped"])
+
+
+def test_headline_metrics_one_list():
+    # The metrics the recipe printed and the demo's columns are all headline metrics, in one order.
+    for name in ("p_at_1_100", "recall_at_1", "clip_s", "cider", "grammar_valid", "attribute_precision"):
+        assert name in HEADLINE_METRICS
+    assert len(set(HEADLINE_METRICS)) == len(HEADLINE_METRICS) and HEADLINE_METRICS[0] == "p_at_1_100"
+    # The curves plotted: the total reward, then every headline metric as an evaluation logs it.
+    assert TRAINING_KEYS == ("reward", *(f"eval/{name}" for name in HEADLINE_METRICS))
+
+
+def test_headline_table_only_headline_metrics_present_in_order():
+    text = headline_table({"before": BEFORE, "after": AFTER})
+    header = text.splitlines()[0].split()
+    # self_bleu is not a headline metric; grammar_valid, measured after only, is shown with "–" before.
+    assert header == [k for k in HEADLINE_METRICS if k in {**BEFORE, **AFTER}]
+    assert header == ["p_at_1_100", "recall_at_1", "clip_s", "grammar_valid", "vocab_size"]
+    assert text == format_table({"before": BEFORE, "after": AFTER}, header, style="plain")
+    assert text.splitlines()[2].split() == ["before", "0.050", "0.020", "0.612", "–", "12"]
+    markdown = headline_table({"after": AFTER}, style="markdown", floatfmt=".2f")
+    assert [c.strip() for c in markdown.splitlines()[2].split("|")[1:-1]][:2] == ["after", "0.41"]
+    assert markdown == format_table({"after": AFTER}, header, style="markdown", floatfmt=".2f")
+    # A headline metric that is None in every row gets no column; (mean, std) cells are kept.
+    text = headline_table({"a": {"cider": None, "clip_s": (0.7, 0.01)}})
+    assert text.splitlines()[0].split() == ["clip_s"] and "0.700 ± 0.010" in text
+
+
+def test_headline_table_errors():
+    with pytest.raises(ValueError, match=r"no row holds any of the headline metrics \['p_at_1_100'"):
+        headline_table({"a": {"self_bleu": 0.5, "skipped": {}}})
+    with pytest.raises(ValueError, match="non-empty"):
+        headline_table({})
+    with pytest.raises(ValueError, match="style"):
+        headline_table({"a": AFTER}, style="html")
+    with pytest.raises(TypeError, match=r"results\['a'\]"):
+        headline_table({"a": [0.5]})
+    with pytest.raises(TypeError, match=r"\['a', 'clip_s'\]"):
+        headline_table({"a": {"clip_s": "0.7"}})
 
 
 def test_mean_std_known_values():
@@ -132,6 +175,17 @@ def test_plot_training_unknown_key_names_it_and_the_logged_keys(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         plot_training([], tmp_path / "t.png")
     assert not (tmp_path / "t.png").exists()
+
+
+def test_plot_training_many_curves_in_two_columns(tmp_path):
+    steps = (0, 50, 100)
+    log = [{"step": s, "reward": s / 100} for s in steps]
+    log += [{"step": s, **{f"eval/{k}": 0.1 + s / 1000 for k in HEADLINE_METRICS[:4]}} for s in steps]
+    with Image.open(plot_training(log, tmp_path / "few.png", keys=TRAINING_KEYS[:3])) as three:
+        narrow = three.size
+    with Image.open(plot_training(log, tmp_path / "many.png")) as five:  # default: the TRAINING_KEYS logged
+        assert five.width > 1.7 * narrow[0]  # two columns
+        assert narrow[1] * 0.9 < five.height < narrow[1] * 1.1  # of three rows
 
 
 def test_plot_tradeoff_writes_png_and_checks_points(tmp_path):
@@ -237,7 +291,13 @@ def test_write_report_files(tmp_path):
     assert "- `spice` (before, after): Stanford CoreNLP jars not found" in md
     assert "- `novelty` (before): no training captions given" in md
     assert "](training.png)" in md and "](captions.png)" in md
-    assert "| img7 | a circle |" in md and "| img8 |" not in md  # 8 sample pairs
+    samples = [line for line in md.splitlines() if line.startswith("| img")]
+    assert len(samples) == 8  # 8 sample pairs
+    assert [c.strip() for c in samples[7].strip("|").split("|")] == [
+        "img7",
+        "a circle",
+        records(20)[7]["after"],
+    ]
     assert "- seed: 3" in md
 
 

@@ -1,26 +1,24 @@
-"""The evaluation suite: CLIP retrieval, Group Embedding Gap, CLIP-S, COCO caption metrics, diversity; reports."""
+"""The evaluation suite: CLIP retrieval, Group Embedding Gap, CLIP-S, COCO caption metrics, diversity; reports;
+and the shapes judge's own retrieval check, ``evaluate_shapes_clip``."""
 
 from clip_rl_trl.evaluation.diversity import distinct_n, novelty, self_bleu, vocab_size
 from clip_rl_trl.evaluation.evaluate import evaluate_captions
 from clip_rl_trl.evaluation.nlg import coco_caption_metrics
-from clip_rl_trl.evaluation.report import (
-    DEMO_COLUMNS,
-    caption_grid,
-    format_table,
-    mean_std,
-    plot_tradeoff,
-    plot_training,
-    write_report,
-)
+from clip_rl_trl.evaluation.plots import TRAINING_KEYS, caption_grid, plot_tradeoff, plot_training
+from clip_rl_trl.evaluation.report import DEMO_COLUMNS, write_report
 from clip_rl_trl.evaluation.retrieval import precision_at_1, recall_at_k
+from clip_rl_trl.evaluation.tables import HEADLINE_METRICS, format_table, headline_table, mean_std
 
 __all__ = [
     "DEMO_COLUMNS",
+    "HEADLINE_METRICS",
+    "TRAINING_KEYS",
     "caption_grid",
     "coco_caption_metrics",
     "distinct_n",
     "evaluate_captions",
     "format_table",
+    "headline_table",
     "mean_std",
     "novelty",
     "plot_tradeoff",
