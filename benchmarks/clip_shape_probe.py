@@ -23,7 +23,8 @@ import random
 import torch
 import torch.nn.functional as F
 
-from clip_rl_trl.data.shapes import COLOURS, SHAPES, ShapesWorld
+from clip_rl_trl.data.shapes import ShapesWorld, train_shapes_clip
+from clip_rl_trl.data.shapes.world import COLOURS, SHAPES
 from clip_rl_trl.embeddings import ImageEmbeddingCache
 from clip_rl_trl.evaluation.retrieval import recall_at_k
 
@@ -47,9 +48,9 @@ def main() -> None:
     parser.add_argument(
         "--vision-cfg", type=json.loads, default={}, help="JSON merged into the default tower"
     )
-    parser.add_argument("--epochs", type=int, default=None, help="CLIP epochs (default: train_clip's)")
+    parser.add_argument("--epochs", type=int, default=None, help="CLIP epochs (default: train_shapes_clip's)")
     parser.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
-                        help="train_clip(hard_negatives=...): NegCLIP's swapped-attribute negatives (default on)")
+                        help="train_shapes_clip(hard_negatives=...): NegCLIP's swapped-attribute negatives (default on)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads is not None:
@@ -59,7 +60,7 @@ def main() -> None:
     if args.epochs is not None:
         settings["epochs"] = args.epochs
     settings["hard_negatives"] = args.hard_negatives
-    scorer = world.train_clip(**settings)
+    scorer = train_shapes_clip(world, **settings)
     train, test = world.to_dataset(3000, "train"), world.to_dataset(1000, "test")
 
     def embed(ds):

@@ -31,14 +31,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
 
-from clip_rl_trl.data.shapes import ShapesWorld
+from clip_rl_trl.data.shapes import ShapesLanguage, ShapesWorld, train_shapes_clip
 from clip_rl_trl.rewards.grammar import GrammarNegativeSampler, evaluate_grammar_head, train_grammar_head
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     """Train the head and measure it; returns the figures (also printed)."""
     world = ShapesWorld(seed=args.seed)
-    scorer = world.train_clip(progress=args.progress, device=args.device)
+    scorer = train_shapes_clip(world, progress=args.progress, device=args.device)
     train = world.to_dataset(args.n_train, "train")
     test = world.to_dataset(args.n_test, "test")
     image_emb = scorer.encode_images(train["image"])
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     )
     train_seconds = time.perf_counter() - start
 
-    is_grammatical = lambda text: world.parse(text) is not None  # noqa: E731
+    is_grammatical = lambda text: ShapesLanguage.parse(text) is not None  # noqa: E731
     captions = [c for group in test["captions"] for c in group]
     seen = {c for group in train["captions"] for c in group}
     unseen = [c for c in captions if c not in seen]

@@ -6,7 +6,7 @@ Command (prints the figures quoted in docs/shapes_world.md)::
 
 Options: ``--threads N`` (torch threads; default: torch's own choice; on a machine whose cores other jobs
 already use, ``--threads 1`` is faster), ``--eval-scenes 1000``, and any
-``train_clip`` setting, e.g. ``--epochs 8 --n-scenes 6000``. Training goes into a temporary cache, so the
+``train_shapes_clip`` setting, e.g. ``--epochs 8 --n-scenes 6000``. Training goes into a temporary cache, so the
 result never comes from an earlier run. Retrieval is measured on scenes of another seed (world seed + 1,
 split "test"): each caption's image among 99 random distractors.
 """
@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from clip_rl_trl.data import ShapesWorld
+from clip_rl_trl.data import ShapesWorld, train_shapes_clip
+from clip_rl_trl.evaluation import evaluate_shapes_clip
 
 
 def main() -> None:
@@ -47,7 +48,8 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
-        scorer = ShapesWorld(args.seed).train_clip(
+        scorer = train_shapes_clip(
+            ShapesWorld(args.seed),
             n_scenes=args.n_scenes,
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -60,7 +62,7 @@ def main() -> None:
         f"training: {seconds:.1f} s ({args.n_scenes} scenes x {args.epochs} epochs, batch {args.batch_size}, "
         f"load average after: {os.getloadavg()[0]:.2f})"
     )
-    results = ShapesWorld(args.seed + 1).evaluate_clip(scorer, n=args.eval_scenes)
+    results = evaluate_shapes_clip(ShapesWorld(args.seed + 1), scorer, n=args.eval_scenes)
     print(f"P@1 among 100 on {args.eval_scenes} held-out scenes (world seed {args.seed + 1}):")
     for level, value in results.items():
         print(f"  {level:<36} {value:.3f}")

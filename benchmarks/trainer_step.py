@@ -62,8 +62,8 @@ from clip_rl_trl import (
     ClipScorer,
     ClipSReward,
     ImageEmbeddingCache,
-    ShapesWorld,
 )
+from clip_rl_trl.data import ShapesLanguage
 from clip_rl_trl.models.policies import CausalLMPolicy
 
 GOAL = 1.10
@@ -243,7 +243,7 @@ def run_text_lm(opts, tokenizer, dataset, ours: bool) -> dict[str, Any]:
 
 
 def compare(opts: argparse.Namespace) -> None:
-    tokenizer = ShapesWorld(seed=0).word_tokenizer()
+    tokenizer = ShapesLanguage.word_tokenizer()
     # The stock trainer reads "prompt", ours its policy's prompt (the same text) and the image-id column it checks.
     dataset = datasets.Dataset.from_dict(
         {"prompt": [opts.prompt] * opts.images, "image_id": [f"img-{i}" for i in range(opts.images)]}
@@ -283,7 +283,7 @@ def compare(opts: argparse.Namespace) -> None:
 
 def throughput(opts: argparse.Namespace) -> None:
     device = torch.device(opts.device)
-    tokenizer = ShapesWorld(seed=0).word_tokenizer()
+    tokenizer = ShapesLanguage.word_tokenizer()
     scorer = vit_b_32_judge(device)
     cache = image_cache(opts.images, scorer.embed_dim)
     dataset = datasets.Dataset.from_dict({"image_id": cache.ids})

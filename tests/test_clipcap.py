@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from clip_rl_trl.data.shapes import ShapesWorld
+from clip_rl_trl.data.shapes import ShapesLanguage
 from clip_rl_trl.models import ClipCapConfig, ClipCapModel
 from clip_rl_trl.models.clipcap import clipcap_lora_config, tokenize_captions, train_clipcap_mle
 
@@ -30,7 +30,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    return ShapesWorld.word_tokenizer()
+    return ShapesLanguage.word_tokenizer()
 
 
 def gpt2_config(tok, **kw) -> GPT2Config:

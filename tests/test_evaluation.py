@@ -428,7 +428,7 @@ def test_evaluate_captions_end_to_end_with_tiny_clip(scorer: ClipScorer, monkeyp
 
 
 def test_shapes_world_extras_with_the_real_world(scorer: ClipScorer) -> None:
-    from clip_rl_trl.data.shapes import ShapesWorld
+    from clip_rl_trl.data.shapes import ShapesLanguage, ShapesWorld
 
     world = ShapesWorld(seed=0)
     scenes = world.scenes(3, "test")
@@ -438,7 +438,7 @@ def test_shapes_world_extras_with_the_real_world(scorer: ClipScorer) -> None:
         "a a circle",  # not a sentence of the grammar: scores 0
     ]
     img = scorer.encode_images([world.render(s) for s in scenes])
-    result = evaluate_captions(captions, img, scorer, world=world, scenes=scenes, coco_metrics=False)
+    result = evaluate_captions(captions, img, scorer, world=ShapesLanguage(), scenes=scenes, coco_metrics=False)
     assert result["grammar_valid"] == pytest.approx(2 / 3)
     assert result["attribute_precision"] == pytest.approx((1 + 1 + 0) / 3)
     n_attributes = 4 * len(scenes[1]["objects"]) + 1  # size, colour, shape, position per object + background

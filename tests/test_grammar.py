@@ -335,10 +335,10 @@ def test_training_input_checks(scorer: ClipScorer) -> None:
 @pytest.mark.slow
 def test_shapes_world_head_separates_held_out_captions() -> None:
     """benchmarks/grammar_head.py in small: held-out grammatical captions vs their negatives, accuracy >= 0.9."""
-    from clip_rl_trl.data.shapes import ShapesWorld
+    from clip_rl_trl.data.shapes import ShapesWorld, train_shapes_clip
 
     world = ShapesWorld(seed=0)
-    scorer = world.train_clip(progress=False)  # cached after the first run
+    scorer = train_shapes_clip(world, progress=False)  # cached after the first run
     train, test = world.to_dataset(1000, "train"), world.to_dataset(200, "test")
     tuned, head = train_grammar_head(
         scorer, scorer.encode_images(train["image"]), train["captions"],

@@ -48,6 +48,7 @@ from clip_rl_trl import (
     ShapesWorld,
 )
 from clip_rl_trl.baselines import BASELINES
+from clip_rl_trl.data import ShapesLanguage, train_shapes_clip
 from clip_rl_trl.models.clipcap import tokenize_captions, train_clipcap_mle
 from clip_rl_trl.models.policies import BlipPolicy, CaptionPolicy, ClipCapPolicy, completion_mask
 
@@ -102,7 +103,7 @@ def shapes() -> Shapes:
     world = ShapesWorld(seed=0)
     # The margins below were calibrated on the ViT judge (the default before the ResNet tower); with the
     # ResNet judge the two no-baseline cases did not clear them in their step budget, so the test keeps its judge.
-    scorer = world.train_clip(progress=False, epochs=12, vision_cfg=VIT_JUDGE)
+    scorer = train_shapes_clip(world, progress=False, epochs=12, vision_cfg=VIT_JUDGE)
     data = world.to_dataset(N_IMAGES, "train")
     cache = ImageEmbeddingCache.build(data, scorer, progress=False)
     return Shapes(scorer, cache, data.remove_columns(["scene", "full_caption"]))
@@ -110,7 +111,7 @@ def shapes() -> Shapes:
 
 @pytest.fixture(scope="module")
 def clipcap(shapes: Shapes) -> Captioner:
-    tokenizer = ShapesWorld.word_tokenizer()
+    tokenizer = ShapesLanguage.word_tokenizer()
     data = shapes.data.remove_columns(["image"])  # ClipCap reads the cached embeddings
     torch.manual_seed(0)
     gpt = GPT2Config(

@@ -34,6 +34,7 @@ from clip_rl_trl import (
     ImageEmbeddingCache,
     ShapesWorld,
 )
+from clip_rl_trl.data import ShapesLanguage
 from clip_rl_trl.models.clipcap import tokenize_captions
 from clip_rl_trl.models.policies import (
     BlipPolicy,
@@ -51,7 +52,7 @@ BLIP_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # BLIP'
 
 
 def blip_tokenizer() -> BertTokenizerFast:
-    vocab = {w: i for i, w in enumerate(BLIP_SPECIALS + ShapesWorld.vocabulary())}
+    vocab = {w: i for i, w in enumerate(BLIP_SPECIALS + ShapesLanguage.vocabulary())}
     return BertTokenizerFast(vocab=vocab, bos_token="[DEC]", eos_token="[SEP]")
 
 
@@ -74,7 +75,7 @@ def blip_model(tokenizer, seed: int = 0) -> BlipForConditionalGeneration:
 
 
 def llava_processor() -> LlavaProcessor:
-    tokenizer = ShapesWorld.word_tokenizer()
+    tokenizer = ShapesLanguage.word_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return LlavaProcessor(
@@ -159,7 +160,7 @@ def test_blip_tokenizer_convention() -> None:
     """Trainer captions are "caption + [SEP]" (tokenize_captions); the adapter adds [DEC] (BOS) itself."""
     tok = blip_tokenizer()
     ids, mask = tokenize_captions(["a red circle"], tok)
-    words = BLIP_SPECIALS + ShapesWorld.vocabulary()
+    words = BLIP_SPECIALS + ShapesLanguage.vocabulary()
     assert ids.tolist() == [[words.index("a"), words.index("red"), words.index("circle"), words.index("[SEP]")]]
     assert tok.decode(ids[0].tolist(), skip_special_tokens=True) == "a red circle"
     policy = BlipPolicy(tok, blip_model(tok).config)
@@ -242,7 +243,7 @@ def test_blip_beam_search_runs(setup) -> None:
 def test_blip_errors(setup) -> None:
     tok = blip_tokenizer()
     config = blip_model(tok).config
-    no_eos = BertTokenizerFast(vocab={w: i for i, w in enumerate(BLIP_SPECIALS + ShapesWorld.vocabulary())})
+    no_eos = BertTokenizerFast(vocab={w: i for i, w in enumerate(BLIP_SPECIALS + ShapesLanguage.vocabulary())})
     with pytest.raises(ValueError, match="tokenizer.eos_token = tokenizer.sep_token"):
         BlipPolicy(no_eos, config)
     policy = BlipPolicy(tok, config, image_column="picture")
@@ -299,7 +300,7 @@ def test_llava_errors() -> None:
 
 
 def test_text_lm_greedy_equals_argmax_loop_and_prompt_is_stripped(setup) -> None:
-    tok = ShapesWorld.word_tokenizer()
+    tok = ShapesLanguage.word_tokenizer()
     model = gpt2_lm(tok).eval()
     policy = CausalLMPolicy(tok, prompt="a red")
     inputs = policy.image_inputs(rows(setup[0]), torch.device("cpu"))
@@ -315,7 +316,7 @@ def test_text_lm_greedy_equals_argmax_loop_and_prompt_is_stripped(setup) -> None
 
 
 def test_text_lm_logits_are_one_forward_over_prompt_and_caption(setup) -> None:
-    tok = ShapesWorld.word_tokenizer()
+    tok = ShapesLanguage.word_tokenizer()
     model = gpt2_lm(tok).eval()
     policy = CausalLMPolicy(tok, prompt="a")
     inputs = policy.image_inputs(rows(setup[0], 2), torch.device("cpu"))
@@ -328,7 +329,7 @@ def test_text_lm_logits_are_one_forward_over_prompt_and_caption(setup) -> None:
 
 
 def test_text_lm_errors() -> None:
-    tok = ShapesWorld.word_tokenizer()
+    tok = ShapesLanguage.word_tokenizer()
     with pytest.raises(ValueError, match="tokenizes to nothing"):
         CausalLMPolicy(tok, prompt="")
     tok.eos_token = None
@@ -338,7 +339,7 @@ def test_text_lm_errors() -> None:
 
 def test_text_lm_trains_in_caption_rl_trainer(setup, tmp_path) -> None:
     data, scorer, cache = setup
-    tok = ShapesWorld.word_tokenizer()
+    tok = ShapesLanguage.word_tokenizer()
     trainer = CaptionRLTrainer(
         model=gpt2_lm(tok), reward_funcs=[BidirectionalReward(scorer, cache)], args=make_args(tmp_path),
         train_dataset=data.remove_columns("image"), processing_class=tok, policy=CausalLMPolicy(tok, prompt="a"),
@@ -372,7 +373,7 @@ def test_policy_for_picks_the_family(setup) -> None:
         policy_for(torch.nn.Linear(2, 2), cache, "image_id", tok)
     # a text-only decoder cannot see the image: only an explicit CausalLMPolicy drives one
     with pytest.raises(TypeError, match=r"no policy adapter for GPT2LMHeadModel.*CausalLMPolicy"):
-        policy_for(gpt2_lm(ShapesWorld.word_tokenizer()), cache, "image_id", ShapesWorld.word_tokenizer())
+        policy_for(gpt2_lm(ShapesLanguage.word_tokenizer()), cache, "image_id", ShapesLanguage.word_tokenizer())
 
 
 # ---------------------------------------------------------------------- inside CaptionRLTrainer

@@ -1,4 +1,4 @@
-"""The shapes world: determinism, dataset columns, the caption grammar, faithfulness, tokenizer, tiny CLIP."""
+"""The shapes world: determinism, dataset columns; its language: grammar, faithfulness, tokenizer; its tiny CLIP."""
 
 import os
 
@@ -12,8 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from clip_rl_trl import ClipScorer
-from clip_rl_trl.data import ShapesWorld
-from clip_rl_trl.data.shapes import BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, SIZES
+from clip_rl_trl.data import ShapesLanguage, ShapesWorld, train_shapes_clip
+from clip_rl_trl.data.shapes import judge
+from clip_rl_trl.data.shapes.world import BACKGROUNDS, COLOURS, POSITION_PHRASES, SHAPES, SIZES
+from clip_rl_trl.evaluation import evaluate_shapes_clip
 
 TWO = {
     "objects": [
@@ -95,16 +97,16 @@ def test_full_caption_example() -> None:
 
 
 def test_every_caption_parses_and_is_faithful(ds) -> None:
-    world = ShapesWorld(0)
+    language = ShapesLanguage()
     n_full = n_one_object = 0
     for row in ds:
         scene = row["scene"]
-        assert world.attribute_precision(row["full_caption"], scene) == 1.0
-        assert world.attribute_recall(row["full_caption"], scene) == 1.0
+        assert language.attribute_precision(row["full_caption"], scene) == 1.0
+        assert language.attribute_recall(row["full_caption"], scene) == 1.0
         for caption in row["captions"]:
-            parsed = world.parse(caption)
+            parsed = language.parse(caption)
             assert parsed is not None, caption
-            assert world.attribute_precision(caption, scene) == 1.0
+            assert language.attribute_precision(caption, scene) == 1.0
             n_full += caption == row["full_caption"]
             n_one_object += len(parsed["objects"]) == 1 and len(scene["objects"]) == 2
     n = 5 * len(ds)
@@ -121,23 +123,23 @@ def test_salient_object_is_named_most() -> None:
             salient = objects[world.salient_object(row["scene"])]
             assert salient["size"] == "large"
             for caption in row["captions"]:
-                mentioned = world.parse(caption)["objects"]
+                mentioned = ShapesLanguage.parse(caption)["objects"]
                 hits += len(mentioned) == 1 and mentioned[0]["shape"] == salient["shape"]
                 total += 1
     assert hits / total > 0.6
 
 
 def test_parse_structure() -> None:
-    assert ShapesWorld.parse("a circle") == {"objects": [{"shape": "circle"}]}
-    assert ShapesWorld.parse("a small cross at the top and a diamond on a black background") == {
+    assert ShapesLanguage.parse("a circle") == {"objects": [{"shape": "circle"}]}
+    assert ShapesLanguage.parse("a small cross at the top and a diamond on a black background") == {
         "objects": [{"size": "small", "shape": "cross", "position": "top"}, {"shape": "diamond"}],
         "background": "black",
     }
-    assert ShapesWorld.parse(ShapesWorld.describe(TWO)) == {
+    assert ShapesLanguage.parse(ShapesWorld.describe(TWO)) == {
         "objects": TWO["objects"],
         "background": "gray",
     }
-    assert ShapesWorld.parse("  a pink   triangle in the center ") == {
+    assert ShapesLanguage.parse("  a pink   triangle in the center ") == {
         "objects": [{"colour": "pink", "shape": "triangle", "position": "center"}]
     }
 
@@ -168,9 +170,9 @@ def test_parse_structure() -> None:
     ],
 )
 def test_parse_rejects(caption: str) -> None:
-    assert ShapesWorld.parse(caption) is None
-    assert ShapesWorld.attribute_precision(caption, TWO) == 0.0
-    assert ShapesWorld.attribute_recall(caption, TWO) == 0.0
+    assert ShapesLanguage.parse(caption) is None
+    assert ShapesLanguage.attribute_precision(caption, TWO) == 0.0
+    assert ShapesLanguage.attribute_recall(caption, TWO) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -192,14 +194,14 @@ def test_parse_rejects(caption: str) -> None:
     ],
 )
 def test_precision_recall_by_hand(caption: str, scene: dict, precision: float, recall: float) -> None:
-    assert ShapesWorld.attribute_precision(caption, scene) == pytest.approx(precision)
-    assert ShapesWorld.attribute_recall(caption, scene) == pytest.approx(recall)
+    assert ShapesLanguage.attribute_precision(caption, scene) == pytest.approx(precision)
+    assert ShapesLanguage.attribute_recall(caption, scene) == pytest.approx(recall)
 
 
 def test_word_tokenizer_round_trip(ds) -> None:
-    tok = ShapesWorld.word_tokenizer()
+    tok = ShapesLanguage.word_tokenizer()
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
-    assert len(tok) == 4 + len(ShapesWorld.vocabulary())
+    assert len(tok) == 4 + len(ShapesLanguage.vocabulary())
     captions = [c for caps in ds["captions"] for c in caps] + list(ds["full_caption"])
     for caption in captions:
         ids = tok(caption)["input_ids"]
@@ -210,10 +212,10 @@ def test_word_tokenizer_round_trip(ds) -> None:
     assert tok("a purple blob")["input_ids"][-1] == tok.unk_token_id
 
 
-def test_train_clip_caches_and_reuses(tmp_path, monkeypatch) -> None:
+def test_train_shapes_clip_caches_and_reuses(tmp_path, monkeypatch) -> None:
     world = ShapesWorld(0)
     settings = dict(n_scenes=64, epochs=1, batch_size=32, cache_dir=tmp_path, progress=False, **TINY)
-    first = world.train_clip(**settings)
+    first = train_shapes_clip(world, **settings)
     assert isinstance(first, ClipScorer) and first.context_length == 24 and first.embed_dim == 16
     (folder,) = (tmp_path / "shapes_clip").iterdir()
     saved = load_file(folder / "model.safetensors")
@@ -221,22 +223,22 @@ def test_train_clip_caches_and_reuses(tmp_path, monkeypatch) -> None:
     def no_training(*args, **kwargs):
         raise AssertionError("retrained although the weights were cached")
 
-    monkeypatch.setattr(ShapesWorld, "_fit_clip", no_training)
-    second = world.train_clip(**settings)
+    monkeypatch.setattr(judge, "_fit_clip", no_training)
+    second = train_shapes_clip(world, **settings)
     for name, value in second.model.state_dict().items():
         torch.testing.assert_close(value, saved[name], rtol=0, atol=0)
         torch.testing.assert_close(value, first.model.state_dict()[name], rtol=0, atol=0)
     texts = ["a red circle", world.describe(TWO)]
     torch.testing.assert_close(first.encode_texts(texts), second.encode_texts(texts))
     with pytest.raises(AssertionError, match="retrained"):
-        world.train_clip(**{**settings, "force": True})
+        train_shapes_clip(world, **{**settings, "force": True})
     with pytest.raises(AssertionError, match="retrained"):  # another config is another cache entry
-        world.train_clip(**{**settings, "epochs": 2})
+        train_shapes_clip(world, **{**settings, "epochs": 2})
 
 
-def test_train_clip_scorer_matches_training_preprocessing(tmp_path) -> None:
-    scorer = ShapesWorld(0).train_clip(
-        n_scenes=32, epochs=1, batch_size=32, cache_dir=tmp_path, progress=False, **TINY
+def test_train_shapes_clip_scorer_matches_training_preprocessing(tmp_path) -> None:
+    scorer = train_shapes_clip(
+        ShapesWorld(0), n_scenes=32, epochs=1, batch_size=32, cache_dir=tmp_path, progress=False, **TINY
     )
     image = ShapesWorld(0).to_dataset(1)[0]["image"]
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
@@ -245,14 +247,15 @@ def test_train_clip_scorer_matches_training_preprocessing(tmp_path) -> None:
     torch.testing.assert_close(scorer.preprocess(image), (pixels - mean) / std)
 
 
-def test_train_clip_rejects_bad_config(tmp_path) -> None:
+def test_train_shapes_clip_rejects_bad_config(tmp_path) -> None:
     world = ShapesWorld(0)
     with pytest.raises(ValueError, match="'depth'"):
-        world.train_clip(cache_dir=tmp_path, depth=3)
+        train_shapes_clip(world, cache_dir=tmp_path, depth=3)
     with pytest.raises(ValueError, match="colour_cfg"):
-        world.train_clip(cache_dir=tmp_path, vision_cfg={"colour_cfg": 1})
+        train_shapes_clip(world, cache_dir=tmp_path, vision_cfg={"colour_cfg": 1})
     with pytest.raises(ValueError, match="context_length"):
-        world.train_clip(
+        train_shapes_clip(
+            world,
             n_scenes=8,
             epochs=1,
             cache_dir=tmp_path,
@@ -260,7 +263,7 @@ def test_train_clip_rejects_bad_config(tmp_path) -> None:
             **{**TINY, "text_cfg": {**TINY["text_cfg"], "context_length": 12}},
         )
     with pytest.raises(ValueError, match="epochs"):
-        world.train_clip(epochs=0, cache_dir=tmp_path)
+        train_shapes_clip(world, epochs=0, cache_dir=tmp_path)
     with pytest.raises(TypeError, match="seed"):
         ShapesWorld("0")
 
@@ -268,11 +271,58 @@ def test_train_clip_rejects_bad_config(tmp_path) -> None:
 @pytest.mark.slow
 def test_default_clip_retrieves_full_captions() -> None:
     """The issue's promise: P@1 among 100 >= 0.90 for full captions on scenes of another seed."""
-    scorer = ShapesWorld(0).train_clip()  # cached under $CLIP_RL_TRL_CACHE, so CI may reuse it
-    p1 = ShapesWorld(1).evaluate_clip(scorer, n=1000)
+    scorer = train_shapes_clip(ShapesWorld(0))  # cached under $CLIP_RL_TRL_CACHE, so CI may reuse it
+    p1 = evaluate_shapes_clip(ShapesWorld(1), scorer, n=1000)
     assert p1["full"] >= 0.90
     assert p1["human"] < p1["full"] - 0.4
     assert p1["shape"] < p1["colour shape"] < p1["size colour shape on a background"] < p1["full"]
+
+
+def test_cache_key_of_the_default_judges_is_pinned(tmp_path) -> None:
+    """The folder names of judges already trained and of results recorded with them: they must never move."""
+    default = {"n_scenes": 8000, "epochs": 20, "batch_size": 256, "lr": 2e-3, "partial_weight": 0.5, "seed": 0}
+    world = ShapesWorld(0)
+    negclip = judge._cache_settings(world, judge.DEFAULT_CLIP_CONFIG, {**default, "hard_negatives": True})
+    plain = judge._cache_settings(world, judge.DEFAULT_CLIP_CONFIG, default)
+    assert judge._cache_folder(negclip, tmp_path) == tmp_path / "shapes_clip" / "ac2884f99925c71a"
+    assert judge._cache_folder(plain, tmp_path) == tmp_path / "shapes_clip" / "e1cde7b18b411005"
+
+
+def test_example_is_the_dataset_row(ds) -> None:
+    for i in (0, 17):
+        scene, image, captions = ShapesWorld(0).example(i, "train")
+        row = ds[i]
+        assert (scene, captions) == (row["scene"], row["captions"])
+        assert np.array_equal(np.asarray(image), np.asarray(row["image"]))
+    with pytest.raises(ValueError, match="split"):
+        ShapesWorld(0).example(0, "")
+
+
+def test_evaluate_shapes_clip_levels(scorer) -> None:
+    result = evaluate_shapes_clip(ShapesWorld(1), scorer, n=100)
+    assert list(result) == ["full", "human", "size colour shape on a background", "colour shape", "shape"]
+    assert all(0.0 <= v <= 1.0 for v in result.values())
+    assert result == evaluate_shapes_clip(ShapesWorld(1), scorer, n=100)
+
+
+def test_shapes_package_imports_no_evaluation_or_demo() -> None:
+    """data/ sits below the evaluation suite and the demo: importing it must not pull them in."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "clip_rl_trl"
+    code = (
+        "import sys, types\n"
+        f"pkg = types.ModuleType('clip_rl_trl'); pkg.__path__ = [{str(root)!r}]\n"
+        "sys.modules['clip_rl_trl'] = pkg  # skip the top-level __init__, which imports everything\n"
+        "import clip_rl_trl.data.shapes\n"
+        "print(sorted(m for m in sys.modules if m.startswith('clip_rl_trl.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "clip_rl_trl.data.shapes.judge" in out
+    for forbidden in ("clip_rl_trl.evaluation", "clip_rl_trl.demo", "clip_rl_trl.recipe", "clip_rl_trl.trainer"):
+        assert forbidden not in out
 
 
 def test_hard_negative_changes_one_binding() -> None:
@@ -285,7 +335,7 @@ def test_hard_negative_changes_one_binding() -> None:
         negative = ShapesWorld.hard_negative(scene, rng)
         assert negative != scene and negative["background"] == scene["background"]
         before, after = ShapesWorld.describe(scene), ShapesWorld.describe(negative)
-        assert before != after and ShapesWorld.parse(after) is not None
+        assert before != after and ShapesLanguage.parse(after) is not None
         changed = [(a, b) for a, b in zip(scene["objects"], negative["objects"], strict=True) if a != b]
         assert all(a["position"] == b["position"] for a, b in changed)
         if sorted(before.split()) == sorted(after.split()):
@@ -297,11 +347,11 @@ def test_hard_negative_changes_one_binding() -> None:
     assert kinds == {"swap", "replace"}
 
 
-def test_train_clip_with_hard_negatives_is_another_judge(tmp_path) -> None:
+def test_train_shapes_clip_with_hard_negatives_is_another_judge(tmp_path) -> None:
     world = ShapesWorld(0)
     settings = dict(n_scenes=64, epochs=1, batch_size=32, cache_dir=tmp_path, progress=False, **TINY)
-    plain = world.train_clip(**settings, hard_negatives=False)
-    negclip = world.train_clip(**settings)  # the default judge
+    plain = train_shapes_clip(world, **settings, hard_negatives=False)
+    negclip = train_shapes_clip(world, **settings)  # the default judge
     assert len(list((tmp_path / "shapes_clip").iterdir())) == 2  # its own cache entry
     texts = ["a red circle", world.describe(TWO)]
     assert not torch.allclose(plain.encode_texts(texts), negclip.encode_texts(texts))

@@ -24,6 +24,7 @@ from clip_rl_trl import (
     ShapesWorld,
 )
 from clip_rl_trl.baselines import BASELINES
+from clip_rl_trl.data import ShapesLanguage
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def setup(world):
     data = world.to_dataset(16, "train")
     scorer = make_tiny_scorer()
     cache = ImageEmbeddingCache.build(data, scorer, progress=False)
-    return data.remove_columns("image"), scorer, cache, world.word_tokenizer()
+    return data.remove_columns("image"), scorer, cache, ShapesLanguage.word_tokenizer()
 
 
 def make_model(tokenizer, seed: int = 0) -> ClipCapModel:
@@ -321,36 +322,36 @@ def test_unsupported_settings_fail_loudly(tmp_path) -> None:
                   generation_batch_size=24)
 
 
-def test_selection_score_ranks_fluent_checkpoints_first(setup, world, tmp_path) -> None:
+def test_selection_score_ranks_fluent_checkpoints_first(setup, tmp_path) -> None:
     """``eval/selection_score`` is P@1 when grammar validity passes the threshold, P@1 - 1 when it does not."""
     data, scorer, cache, tokenizer = setup
     for threshold, penalty in ((0.0, 0.0), (1.01, 1.0)):
         args = make_args(tmp_path, eval_coco_metrics=False, per_device_eval_batch_size=16, eval_num_beams=1,
                          fluency_metric="grammar_valid", fluency_threshold=threshold)
-        metrics = make_trainer(setup, args, eval_dataset=data, world=world).evaluate()
+        metrics = make_trainer(setup, args, eval_dataset=data, world=ShapesLanguage()).evaluate()
         assert 0.0 <= metrics["eval/grammar_valid"] <= 1.0
         assert metrics["eval/selection_score"] == pytest.approx(metrics["eval/p_at_1_100"] - penalty)
     args = make_args(tmp_path, eval_coco_metrics=False, fluency_metric="grammar_valid")
     with pytest.raises(ValueError, match="'grammar_valid'.*world"):
         make_trainer(setup, args, eval_dataset=data).evaluate()  # no world: no grammar validity
     with pytest.raises(ValueError, match="'scene' column"):
-        make_trainer(setup, args, eval_dataset=data.remove_columns("scene"), world=world).evaluate()
+        make_trainer(setup, args, eval_dataset=data.remove_columns("scene"), world=ShapesLanguage()).evaluate()
     # Caught when the trainer is built, before any training step.
     with pytest.raises(ValueError, match="'grammar_valid'.*world"):
         make_trainer(setup, args, eval_dataset=data)
     with pytest.raises(ValueError, match="'scene' column"):
-        make_trainer(setup, args, eval_dataset=data.remove_columns("scene"), world=world)
+        make_trainer(setup, args, eval_dataset=data.remove_columns("scene"), world=ShapesLanguage())
     with pytest.raises(ValueError, match="'cider'.*eval_coco_metrics=True"):
         make_trainer(setup, make_args(tmp_path, eval_coco_metrics=False, fluency_metric="cider"), eval_dataset=data)
 
 
-def test_load_best_model_at_end_keeps_the_best_selection_score(setup, world, tmp_path) -> None:
+def test_load_best_model_at_end_keeps_the_best_selection_score(setup, tmp_path) -> None:
     data, scorer, cache, tokenizer = setup
     args = make_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="steps",
                      save_steps=1, load_best_model_at_end=True, metric_for_best_model="selection_score",
                      fluency_metric="grammar_valid", eval_coco_metrics=False, per_device_eval_batch_size=16,
                      eval_num_beams=1, learning_rate=1e-2)
-    trainer = make_trainer(setup, args, eval_dataset=data, world=world)
+    trainer = make_trainer(setup, args, eval_dataset=data, world=ShapesLanguage())
     trainer.train()
     scores = {e["step"]: e["eval/selection_score"] for e in trainer.state.log_history if "eval/selection_score" in e}
     assert sorted(scores) == [1, 2, 3, 4]

@@ -24,7 +24,11 @@ _logged: set[str] = set()
 
 
 class CaptionWorld(Protocol):
-    """What the shapes-world metrics need from a world (``clip_rl_trl.data.shapes.ShapesWorld`` has it)."""
+    """What the shapes-world metrics need from a world's language: a parser and two faithfulness scores.
+
+    ``clip_rl_trl.data.shapes.ShapesLanguage()`` is one (the shapes world's grammar); the parameter that takes it
+    is still called ``world=``.
+    """
 
     def parse(self, caption: str) -> Any: ...
 
@@ -138,8 +142,8 @@ def evaluate_captions(
             GEG-Avg / GEG-Min. Zhang et al.'s are built within the evaluated split by Eq. 2 over the references:
             ``groups_within_split(image_emb, 5, similarity="captions", scorer=scorer, refs=refs)``.
         train_captions: the training captions: enables ``novelty``.
-        world, scenes: a world with ``parse`` / ``attribute_precision`` / ``attribute_recall`` (the shapes
-            world) and the N scenes of the images: enables ``grammar_valid``, ``attribute_precision``,
+        world, scenes: a world's language with ``parse`` / ``attribute_precision`` / ``attribute_recall``
+            (``ShapesLanguage()``) and the N scenes of the images: enables ``grammar_valid``, ``attribute_precision``,
             ``attribute_recall``.
         p_at_1_candidates, seed: P@1 among this many images (the target and ``p_at_1_candidates - 1`` random
             distractors drawn with ``seed``); the key is ``p_at_1_<p_at_1_candidates>``.
@@ -170,7 +174,7 @@ def evaluate_captions(
         groups = _check_groups(groups, n).to(img.device)
     if (world is None) != (scenes is None):
         raise ValueError(
-            "world and scenes go together: pass both (the shapes world and the N scenes) or neither"
+            "world and scenes go together: pass both (ShapesLanguage() and the N scenes) or neither"
         )
     if scenes is not None and len(scenes) != n:
         raise ValueError(f"got {n} captions but {len(scenes)} scenes")

@@ -30,6 +30,7 @@ from clip_rl_trl import (
     RetrievalReward,
     ShapesWorld,
 )
+from clip_rl_trl.data import ShapesLanguage
 
 
 def main(out_path: str, gather: bool) -> None:
@@ -38,7 +39,7 @@ def main(out_path: str, gather: bool) -> None:
     data = world.to_dataset(16, "train")
     scorer = make_tiny_scorer()
     cache = ImageEmbeddingCache.build(data, scorer, progress=False)
-    tokenizer = world.word_tokenizer()
+    tokenizer = ShapesLanguage.word_tokenizer()
     gpt = GPT2Config(vocab_size=len(tokenizer), n_positions=48, n_embd=32, n_layer=2, n_head=2,
                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = ClipCapModel(ClipCapConfig(prefix_dim=64, prefix_length=4, gpt2_config=gpt.to_dict()))
