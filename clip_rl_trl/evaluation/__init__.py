@@ -3,6 +3,7 @@ and the shapes judge's own retrieval check, ``evaluate_shapes_clip``."""
 
 from clip_rl_trl.evaluation.diversity import distinct_n, novelty, self_bleu, vocab_size
 from clip_rl_trl.evaluation.evaluate import evaluate_captions
+from clip_rl_trl.evaluation.judge import evaluate_shapes_clip
 from clip_rl_trl.evaluation.nlg import coco_caption_metrics
 from clip_rl_trl.evaluation.plots import TRAINING_KEYS, caption_grid, plot_tradeoff, plot_training
 from clip_rl_trl.evaluation.report import DEMO_COLUMNS, write_report
@@ -17,6 +18,7 @@ __all__ = [
     "coco_caption_metrics",
     "distinct_n",
     "evaluate_captions",
+    "evaluate_shapes_clip",
     "format_table",
     "headline_table",
     "mean_std",
