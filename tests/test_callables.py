@@ -1,9 +1,5 @@
 """Reward callables: values equal the paper formulas, one shared text pass, clear errors, a stock GRPOTrainer."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest
 import torch

@@ -1,10 +1,6 @@
 """ClipScorer on a tiny random open_clip model: normalisation, batching, inputs, truncation, errors."""
 
 import logging
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import open_clip
 import pytest

@@ -4,9 +4,6 @@ import json
 import os
 import struct
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
 import datasets
 import numpy as np
 import pytest

@@ -6,9 +6,6 @@ import random
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,9 +1,5 @@
 """Grammar negatives, the grammar head, its training and its prompt (Cho et al. 2022) on a tiny random CLIP."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import itertools
 from collections import Counter

@@ -24,11 +24,6 @@ term. A tiny BLIP step is cheap (32 x 32 images, 16 patches), so its runs cost a
 """
 
 import copy
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
 from dataclasses import dataclass
 from typing import Any
 

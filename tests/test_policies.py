@@ -1,10 +1,6 @@
 """Policy adapters on tiny real models: BLIP, a decoder-only VLM (LLaVA) and a text-only GPT-2 generate, score
 and train."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest
 import torch

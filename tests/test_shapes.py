@@ -1,9 +1,5 @@
 """The shapes world: determinism, dataset columns; its language: grammar, faithfulness, tokenizer; its tiny CLIP."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import numpy as np
 import pytest

@@ -24,6 +24,11 @@ from torch import nn
 
 from clip_rl_trl.embeddings import ImageEmbeddingCache
 
+#: What ``image_inputs`` returns and ``generate`` / ``logits`` read: named per-row tensors.
+ImageInputs = Mapping[str, torch.Tensor]
+#: Dataset rows, one per caption to generate or score.
+Rows = Sequence[Mapping[str, Any]]
+
 # Processor outputs that are the prompt's text, not image tensors.
 _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
 
@@ -46,24 +51,16 @@ class CaptionPolicy(ABC):
     input_keys: tuple[str, ...] = ()
 
     @abstractmethod
-    def image_inputs(
-        self, rows: Sequence[Mapping[str, Any]], device: torch.device
-    ) -> dict[str, torch.Tensor]:
+    def image_inputs(self, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-row image tensors for ``rows`` (one row per caption to generate or score)."""
 
     @abstractmethod
-    def generate(
-        self, model: nn.Module, image_inputs: Mapping[str, torch.Tensor], **kwargs: Any
-    ) -> torch.Tensor:
+    def generate(self, model: nn.Module, image_inputs: ImageInputs, **kwargs: Any) -> torch.Tensor:
         """Caption token ids ``(B, T)``, one per row, padded after EOS."""
 
     @abstractmethod
     def logits(
-        self,
-        model: nn.Module,
-        image_inputs: Mapping[str, torch.Tensor],
-        ids: torch.Tensor,
-        mask: torch.Tensor,
+        self, model: nn.Module, image_inputs: ImageInputs, ids: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """``(B, T, V)`` logits where ``[:, t]`` predicts ``ids[:, t]`` given the image and ``ids[:, :t]``."""
 
@@ -80,23 +77,15 @@ class ClipCapPolicy(CaptionPolicy):
         self.id_column = id_column
         self.tokenizer = tokenizer
 
-    def image_inputs(
-        self, rows: Sequence[Mapping[str, Any]], device: torch.device
-    ) -> dict[str, torch.Tensor]:
+    def image_inputs(self, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
         ids = [row[self.id_column] for row in rows]
         return {"image_embeds": self.cache[ids].to(device=device, dtype=torch.float32)}
 
-    def generate(
-        self, model: nn.Module, image_inputs: Mapping[str, torch.Tensor], **kwargs: Any
-    ) -> torch.Tensor:
+    def generate(self, model: nn.Module, image_inputs: ImageInputs, **kwargs: Any) -> torch.Tensor:
         return model.generate(image_embeds=image_inputs["image_embeds"], tokenizer=self.tokenizer, **kwargs)
 
     def logits(
-        self,
-        model: nn.Module,
-        image_inputs: Mapping[str, torch.Tensor],
-        ids: torch.Tensor,
-        mask: torch.Tensor,
+        self, model: nn.Module, image_inputs: ImageInputs, ids: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask, image_embeds=image_inputs["image_embeds"]).logits
 
@@ -141,7 +130,7 @@ def caption_rows(
     return captions
 
 
-def _load_images(rows: Sequence[Mapping[str, Any]], column: str) -> list[Any]:
+def _load_images(rows: Rows, column: str) -> list[Any]:
     """RGB PIL images from ``rows[column]`` (PIL images or file paths)."""
     from PIL import Image
 
@@ -219,9 +208,7 @@ class BlipPolicy(CaptionPolicy):
         self.eos_token_id = text.sep_token_id
         self.pad_token_id = text.pad_token_id
 
-    def image_inputs(
-        self, rows: Sequence[Mapping[str, Any]], device: torch.device
-    ) -> dict[str, torch.Tensor]:
+    def image_inputs(self, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
         images = _load_images(rows, self.image_column)
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixels.to(device)}
@@ -229,9 +216,7 @@ class BlipPolicy(CaptionPolicy):
     def _prefix(self, batch: int, device: torch.device) -> torch.Tensor:
         return self.prefix.to(device).unsqueeze(0).expand(batch, -1)
 
-    def generate(
-        self, model: nn.Module, image_inputs: Mapping[str, torch.Tensor], **kwargs: Any
-    ) -> torch.Tensor:
+    def generate(self, model: nn.Module, image_inputs: ImageInputs, **kwargs: Any) -> torch.Tensor:
         base = unwrap_peft(model)
         pixels = image_inputs["pixel_values"]
         patches = base.vision_model(pixel_values=pixels.to(base.dtype)).last_hidden_state
@@ -248,11 +233,7 @@ class BlipPolicy(CaptionPolicy):
         return out[:, prefix.shape[1] :]
 
     def logits(
-        self,
-        model: nn.Module,
-        image_inputs: Mapping[str, torch.Tensor],
-        ids: torch.Tensor,
-        mask: torch.Tensor,
+        self, model: nn.Module, image_inputs: ImageInputs, ids: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         prefix = self._prefix(ids.shape[0], ids.device)
         input_ids = torch.cat([prefix, ids], dim=1)
@@ -264,33 +245,62 @@ class BlipPolicy(CaptionPolicy):
         return out.logits[:, :-1]
 
 
-def _continue_prompt(
-    model: nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor, **kwargs: Any
-) -> torch.Tensor:
-    """A decoder-only model's ``generate`` after a (left-padded) prompt; the prompt is cut from the ids."""
-    out = model.generate(input_ids=prompt, attention_mask=prompt_mask, **kwargs)
-    return out[:, prompt.shape[1] :]
+class PromptContinuationPolicy(CaptionPolicy):
+    """A decoder-only model whose captions continue a (left-padded) text prompt: the shared half of
+    :class:`CausalLMPolicy` and :class:`CausalVLMPolicy`.
+
+    ``image_inputs`` returns the prompt's ids and mask under ``prompt_keys`` (beside whatever image tensors the
+    model reads, :meth:`model_inputs`); ``generate`` continues the prompt and cuts it from the ids, and
+    ``logits`` is one forward over prompt + caption in which the prompt's last position predicts the caption's
+    first token (only ``T + 1`` positions projected: the model must read ``logits_to_keep`` as transformers'
+    causal LMs do). Captions end with ``tokenizer.eos_token``; padding is its ``pad_token``, else EOS.
+    """
+
+    #: the names ``image_inputs`` gives the prompt's ids and attention mask
+    prompt_keys: tuple[str, str]
+
+    def __init__(self, tokenizer: Any, prompt: str, no_eos: str) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{no_eos} has no eos_token; captions must end with one")
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def model_inputs(self, image_inputs: ImageInputs) -> dict[str, torch.Tensor]:
+        """What the model reads beside the prompt, in ``generate`` and ``logits`` (none for a text-only model)."""
+        return {}
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Extra ``model.generate`` arguments of this family."""
+        return {}
+
+    def generate(self, model: nn.Module, image_inputs: ImageInputs, **kwargs: Any) -> torch.Tensor:
+        prompt_ids, prompt_mask = (image_inputs[key] for key in self.prompt_keys)
+        out = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            **self.generate_kwargs(),
+            **self.model_inputs(image_inputs),
+            **kwargs,
+        )
+        return out[:, prompt_ids.shape[1] :]
+
+    def logits(
+        self, model: nn.Module, image_inputs: ImageInputs, ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        prompt_ids, prompt_mask = (image_inputs[key] for key in self.prompt_keys)
+        out = model(
+            input_ids=torch.cat([prompt_ids, ids], dim=1),
+            attention_mask=torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
+            logits_to_keep=ids.shape[1] + 1,
+            **self.model_inputs(image_inputs),
+        )
+        return out.logits[:, :-1]
 
 
-def _prompt_caption_logits(
-    model: nn.Module,
-    prompt: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    **model_inputs: Any,
-) -> torch.Tensor:
-    """One forward over prompt + caption; the prompt's last position predicts the caption's first token."""
-    out = model(
-        input_ids=torch.cat([prompt, ids], dim=1),
-        attention_mask=torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
-        logits_to_keep=ids.shape[1] + 1,
-        **model_inputs,
-    )
-    return out.logits[:, :-1]
-
-
-class CausalLMPolicy(CaptionPolicy):
+class CausalLMPolicy(PromptContinuationPolicy):
     """A text-only decoder (``GPT2LMHeadModel`` and kin) that continues one fixed text prompt: it sees no image.
 
     Its captions cannot depend on the image; it exists so that ``CaptionRLTrainer`` can drive exactly the model
@@ -304,47 +314,21 @@ class CausalLMPolicy(CaptionPolicy):
     """
 
     input_keys = ("lm_prompt_ids", "lm_prompt_mask")
+    prompt_keys = ("lm_prompt_ids", "lm_prompt_mask")
 
     def __init__(self, tokenizer: Any, prompt: str) -> None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no eos_token; captions must end with one")
+        super().__init__(tokenizer, prompt, no_eos="the tokenizer")
         prompt_ids = tokenizer(prompt)["input_ids"]
         if not prompt_ids:
             raise ValueError(f"prompt {prompt!r} tokenizes to nothing; the caption needs a position to start from")
-        self.tokenizer = tokenizer
-        self.prompt = prompt
         self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.long)
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def image_inputs(
-        self, rows: Sequence[Mapping[str, Any]], device: torch.device
-    ) -> dict[str, torch.Tensor]:
+    def image_inputs(self, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
         ids = self.prompt_ids.to(device).repeat(len(rows), 1)
         return {"lm_prompt_ids": ids, "lm_prompt_mask": torch.ones_like(ids)}
 
-    def generate(
-        self, model: nn.Module, image_inputs: Mapping[str, torch.Tensor], **kwargs: Any
-    ) -> torch.Tensor:
-        return _continue_prompt(
-            model,
-            image_inputs["lm_prompt_ids"],
-            image_inputs["lm_prompt_mask"],
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            **kwargs,
-        )
 
-    def logits(
-        self,
-        model: nn.Module,
-        image_inputs: Mapping[str, torch.Tensor],
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        return _prompt_caption_logits(model, image_inputs["lm_prompt_ids"], image_inputs["lm_prompt_mask"], ids, mask)
-
-
-class CausalVLMPolicy(CaptionPolicy):
+class CausalVLMPolicy(PromptContinuationPolicy):
     """A decoder-only vision-language model (LLaVA and kin): ``processor(images, prompt)`` -> prompt ids with the
     image placeholder expanded + pixel tensors; captions continue the prompt (TRL's own VLM path, per caption).
 
@@ -357,6 +341,9 @@ class CausalVLMPolicy(CaptionPolicy):
         image_keys: the processor outputs the model reads beside the prompt (LLaVA: ``pixel_values``;
             LLaVA-NeXT: ``pixel_values``, ``image_sizes``); each needs one entry per row.
     """
+
+    # Prompt tensors get their own names: the trainer's batch already has (empty) prompt_ids / prompt_mask.
+    prompt_keys = ("vlm_prompt_ids", "vlm_prompt_mask")
 
     def __init__(
         self,
@@ -372,21 +359,14 @@ class CausalVLMPolicy(CaptionPolicy):
         prompt = image_token if prompt is None else prompt
         if image_token not in prompt:
             raise ValueError(f"prompt {prompt!r} has no image token {image_token!r}")
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the processor's tokenizer has no eos_token; captions must end with one")
+        super().__init__(tokenizer, prompt, no_eos="the processor's tokenizer")
         self.processor = processor
-        self.tokenizer = tokenizer
-        self.prompt = prompt
         self.image_column = image_column
         self.image_keys = tuple(image_keys)
-        # Prompt tensors get their own names: the trainer's batch already has (empty) prompt_ids / prompt_mask.
-        self.input_keys = ("vlm_prompt_ids", "vlm_prompt_mask", *self.image_keys)
+        self.input_keys = (*self.prompt_keys, *self.image_keys)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def image_inputs(
-        self, rows: Sequence[Mapping[str, Any]], device: torch.device
-    ) -> dict[str, torch.Tensor]:
+    def image_inputs(self, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
         images = _load_images(rows, self.image_column)
         # Left padding keeps every prompt's last token at the same position, where the caption starts.
         enc = self.processor(
@@ -403,35 +383,12 @@ class CausalVLMPolicy(CaptionPolicy):
         _check_rows(out, len(rows))
         return {key: value.to(device) for key, value in out.items()}
 
-    def _images(self, image_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def model_inputs(self, image_inputs: ImageInputs) -> dict[str, torch.Tensor]:
         return {key: image_inputs[key] for key in self.image_keys}
 
-    def generate(
-        self, model: nn.Module, image_inputs: Mapping[str, torch.Tensor], **kwargs: Any
-    ) -> torch.Tensor:
-        return _continue_prompt(
-            model,
-            image_inputs["vlm_prompt_ids"],
-            image_inputs["vlm_prompt_mask"],
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            # A sampled image token would have no image features to stand for (TRL suppresses it too).
-            suppress_tokens=[self.image_token_id],
-            **self._images(image_inputs),
-            **kwargs,
-        )
-
-    def logits(
-        self,
-        model: nn.Module,
-        image_inputs: Mapping[str, torch.Tensor],
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        return _prompt_caption_logits(
-            model, image_inputs["vlm_prompt_ids"], image_inputs["vlm_prompt_mask"], ids, mask,
-            **self._images(image_inputs),
-        )
+    def generate_kwargs(self) -> dict[str, Any]:
+        # A sampled image token would have no image features to stand for (TRL suppresses it too).
+        return {"suppress_tokens": [self.image_token_id]}
 
 
 def _is_causal_vlm(model: nn.Module) -> bool:
