@@ -1,13 +1,22 @@
 """clip-rl-trl: distinctive image captioning with CLIP-guided reinforcement learning on top of TRL."""
 
 from clip_rl_trl.clip import ClipScorer
+from clip_rl_trl.configs import (
+    CaptionerConfig,
+    ConfigError,
+    DataConfig,
+    JudgeConfig,
+    Recipe,
+    RecipeParser,
+    RewardConfig,
+    parse_recipe,
+)
 from clip_rl_trl.data import load_hub_captions, load_karpathy
-from clip_rl_trl.data.shapes import ShapesWorld
-from clip_rl_trl.demo import DemoConfig, run_demo
+from clip_rl_trl.data.shapes import ShapesLanguage, ShapesWorld
 from clip_rl_trl.embeddings import ImageEmbeddingCache
-from clip_rl_trl.evaluation import evaluate_captions
-from clip_rl_trl.evaluation.report import format_table, mean_std, write_report
+from clip_rl_trl.evaluation import evaluate_captions, format_table, mean_std, write_report
 from clip_rl_trl.models import ClipCapConfig, ClipCapModel
+from clip_rl_trl.models.families import FAMILIES, CaptionerFamily, register_family
 from clip_rl_trl.models.policies import (
     BlipPolicy,
     CaptionPolicy,
@@ -16,11 +25,12 @@ from clip_rl_trl.models.policies import (
     ClipCapPolicy,
 )
 from clip_rl_trl.neighbors import groups_within_split, similar_image_groups
-from clip_rl_trl.recipe import load_recipe
+from clip_rl_trl.pipeline import build_trainer, evaluate_saved, prepare, train
 from clip_rl_trl.rewards import functional
 from clip_rl_trl.rewards.callables import (
     BidirectionalReward,
     CiderReward,
+    ClipReward,
     ClipSReward,
     DiscriminatorReward,
     GrammarReward,
@@ -30,11 +40,23 @@ from clip_rl_trl.rewards.callables import (
 from clip_rl_trl.rewards.cider import CiderD
 from clip_rl_trl.rewards.discriminator import Discriminator
 from clip_rl_trl.rewards.grammar import GrammarHead, make_grammar_negatives, train_grammar_head
+from clip_rl_trl.rewards.registry import REWARDS, RewardEnv, register_reward
 from clip_rl_trl.trainer import CaptionRLConfig, CaptionRLTrainer
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "FAMILIES",
+    "REWARDS",
+    "CaptionerFamily",
+    "ClipReward",
+    "RewardEnv",
+    "build_trainer",
+    "evaluate_saved",
+    "prepare",
+    "register_family",
+    "register_reward",
+    "train",
     "BidirectionalReward",
     "BlipPolicy",
     "CaptionPolicy",
@@ -49,7 +71,15 @@ __all__ = [
     "ClipCapPolicy",
     "ClipScorer",
     "ClipSReward",
-    "DemoConfig",
+    "CaptionerConfig",
+    "ConfigError",
+    "DataConfig",
+    "JudgeConfig",
+    "Recipe",
+    "RecipeParser",
+    "RewardConfig",
+    "parse_recipe",
+    "ShapesLanguage",
     "Discriminator",
     "DiscriminatorReward",
     "evaluate_captions",
@@ -62,11 +92,9 @@ __all__ = [
     "ImageEmbeddingCache",
     "load_hub_captions",
     "load_karpathy",
-    "load_recipe",
     "make_grammar_negatives",
     "mean_std",
     "RetrievalReward",
-    "run_demo",
     "ShapesWorld",
     "similar_image_groups",
     "train_grammar_head",

@@ -2,9 +2,9 @@
 
     clip-rl-trl demo [--output-dir DIR] [--quick]
 
-    clip-rl-trl train --config recipe.yaml [--toy] [--output-dir DIR] [--set KEY=VALUE ...]
+    clip-rl-trl train --config recipe.yaml [--toy] [--output_dir DIR] [--<any recipe field> VALUE ...]
     clip-rl-trl eval --captions captions.jsonl --dataset DATASET [--column caption] [--clip ViT-B-32 ...]
-    clip-rl-trl eval --model DIR --config recipe.yaml [--toy] [--set KEY=VALUE ...]
+    clip-rl-trl eval --model DIR --config recipe.yaml [--toy] [--<any recipe field> VALUE ...]
     clip-rl-trl push --model DIR --repo-id user/name [--private]
 
     clip-rl-trl embed --dataset DATASET --output cache.safetensors [--clip ViT-B-32 --pretrained openai]
@@ -13,7 +13,9 @@
 
 ``DATASET`` is a folder written by ``datasets.Dataset.save_to_disk``, a Hub dataset name (``--split``), a
 Karpathy-split JSON file (``dataset_coco.json`` with ``--image-root``), or ``shapes`` for the synthetic shapes
-world (``--shapes-n``, ``--split``; embedded with the world's tiny CLIP unless ``--clip`` is given).
+world (``--shapes-n``, ``--split``; embedded with the world's tiny CLIP unless ``--clip`` is given): the data
+sources of :mod:`clip_rl_trl.data.sources`, as in a recipe. A recipe (``train``, ``eval --model``, ``demo``) is
+parsed by :class:`~clip_rl_trl.RecipeParser`, TRL's ``TrlParser``: every field is a flag.
 """
 
 from __future__ import annotations
@@ -35,41 +37,29 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def _load_dataset(name: str, split: str, shapes_n: int, image_root: str | None = None):
-    if name == "shapes":
-        from clip_rl_trl.data.shapes import ShapesWorld
+def _data_config(args: argparse.Namespace, captions_column: str | None = "captions") -> Any:
+    from clip_rl_trl.configs import ConfigError, DataConfig
 
-        return ShapesWorld(seed=0).to_dataset(shapes_n, split)
-    import datasets
-
-    if name.endswith(".json") and Path(name).is_file():
-        from clip_rl_trl.data.coco import load_karpathy
-
-        if image_root is None:
-            raise CliError(
-                f"--dataset {name}: a Karpathy-split JSON file needs --image-root (the image folder)"
-            )
-        try:
-            return load_karpathy(name, image_root, split)
-        except (FileNotFoundError, ValueError) as err:
-            raise CliError(f"--dataset {name}: {err}") from err
-
-    if Path(name).exists():
-        try:
-            loaded = datasets.load_from_disk(name)
-        except (FileNotFoundError, ValueError) as err:
-            raise CliError(f"--dataset {name}: not a folder written by Dataset.save_to_disk ({err})") from err
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise CliError(f"--split {split}: the dataset has splits {sorted(loaded)}")
-            loaded = loaded[split]
-        return loaded
     try:
-        return datasets.load_dataset(name, split=split)
-    except (
-        Exception
-    ) as err:  # the Hub's errors vary (offline, missing repo, bad split): report them in one line
-        raise CliError(f"--dataset {name}: cannot load it ({type(err).__name__}: {err})") from err
+        return DataConfig(
+            dataset_name=args.dataset, image_root=args.image_root, dataset_image_column=args.image_column,
+            dataset_captions_column=captions_column or "captions", dataset_id_column=args.id_column,
+        )
+    except ConfigError as err:
+        raise CliError(f"--dataset: {err}") from err
+
+
+def _load_dataset(args: argparse.Namespace, n: int | None, captions_column: str | None = None):
+    """One split of ``--dataset`` through the data-source registry (``--shapes-n`` scenes of the shapes world);
+    ``captions_column`` None: the images only."""
+    from clip_rl_trl.data.sources import load_split
+
+    config = _data_config(args, captions_column)
+    try:
+        return load_split(config, args.split, n if args.dataset == "shapes" else None,
+                          captions=captions_column is not None)
+    except ValueError as err:
+        raise CliError(f"--dataset {args.dataset}: {err}") from err
 
 
 def _scorer(args: argparse.Namespace):
@@ -80,9 +70,9 @@ def _scorer(args: argparse.Namespace):
             raise CliError(
                 "--clip is required (e.g. --clip ViT-B-32 --pretrained openai) unless --dataset shapes"
             )
-        from clip_rl_trl.data.shapes import ShapesWorld
+        from clip_rl_trl.data.sources import data_source
 
-        scorer = ShapesWorld(seed=0).train_clip()
+        scorer = data_source(_data_config(args)).judge(_data_config(args), True, progress=True)
     else:
         try:
             scorer = ClipScorer.from_open_clip(args.clip, pretrained=args.pretrained, device=args.device)
@@ -96,11 +86,11 @@ def _scorer(args: argparse.Namespace):
 def cmd_embed(args: argparse.Namespace) -> None:
     from clip_rl_trl.embeddings import ImageEmbeddingCache
 
-    dataset = _load_dataset(args.dataset, args.split, args.shapes_n, args.image_root)
+    dataset = _load_dataset(args, args.shapes_n)
     scorer = _scorer(args)
     dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
     try:
-        cache = ImageEmbeddingCache.build(dataset, scorer, args.image_column, args.id_column, dtype=dtype)
+        cache = ImageEmbeddingCache.build(dataset, scorer, dtype=dtype)
     except ValueError as err:
         raise CliError(str(err)) from err
     path = cache.save(args.output)
@@ -124,25 +114,14 @@ def cmd_neighbors(args: argparse.Namespace) -> None:
     rows = refs = scorer = None
     if args.dataset is not None:
         # The pool is the split's images only: a held-out image is never a training image's negative.
-        dataset = _load_dataset(args.dataset, args.split, args.shapes_n, args.image_root)
-        needed = [("--id-column", args.id_column)]
-        if args.similarity == "captions":
-            needed.append(("--refs-column", args.refs_column))
-        for flag, column in needed:
-            if column not in dataset.column_names:
-                raise CliError(f"{flag} {column}: the dataset has columns {dataset.column_names}")
-        ids = dataset[args.id_column]
-        if len(set(ids)) != len(ids):
-            raise CliError(
-                f"--dataset {args.dataset}: an image id appears in several rows of split {args.split}; "
-                "expected one row per image with its list of captions"
-            )
+        dataset = _load_dataset(args, args.shapes_n, args.refs_column if args.similarity == "captions" else None)
+        ids = dataset["image_id"]
         try:
             rows = cache.rows(ids)
         except KeyError as err:
             raise CliError(f"--cache {args.cache}: {err.args[0]} (split {args.split} of --dataset)") from err
         if args.similarity == "captions":
-            refs = dataset[args.refs_column]
+            refs = dataset["captions"]
             scorer = _scorer(args)
             if scorer.embed_dim != cache.dim:
                 raise CliError(
@@ -179,15 +158,6 @@ def cmd_neighbors(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from clip_rl_trl.demo import run_demo
-
-    output = Path(args.output_dir)
-    if output.exists() and not output.is_dir():
-        raise CliError(f"--output-dir {output}: exists and is not a folder")
-    run_demo(output, quick=args.quick)
-
-
 def _output_folder(flag: str, value: str) -> Path:
     path = Path(value)
     if path.exists() and not path.is_dir():
@@ -195,18 +165,39 @@ def _output_folder(flag: str, value: str) -> Path:
     return path
 
 
-def _recipe(args: argparse.Namespace) -> dict[str, Any]:
-    from clip_rl_trl.recipe import RecipeError, load_recipe
+def _parse_recipe(argv: Sequence[str]) -> Any:
+    from clip_rl_trl.configs import ConfigError, parse_recipe
 
+    if "--config" not in argv:
+        raise CliError("--config is required (a recipe YAML, e.g. examples/configs/bidir_coco.yaml)")
     try:
-        return load_recipe(args.config, args.set, toy=args.toy)
-    except RecipeError as err:
-        raise CliError(f"--config {args.config}: {err}") from err
+        recipe = parse_recipe(argv)
+    except ConfigError as err:
+        raise CliError(str(err)) from err
+    _output_folder("--output_dir", recipe.training.output_dir)
+    return recipe
+
+
+def _train(argv: Sequence[str]) -> None:
+    from clip_rl_trl.configs import ConfigError
+    from clip_rl_trl.pipeline import train
+
+    recipe = _parse_recipe(argv)
+    try:
+        train(recipe)
+    except ConfigError as err:
+        raise CliError(str(err)) from err
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The packaged shapes-world recipe (Chaffin et al.'s full method) through the pipeline; --quick: its toy."""
+    _output_folder("--output-dir", args.output_dir)
+    _train(["--config", "shapes_demo", "--output_dir", args.output_dir, *(["--toy"] if args.quick else [])])
 
 
 def _metric_table(metrics: dict[str, Any]) -> str:
     """One row per metric: the suite has too many metrics for one terminal-wide row."""
-    from clip_rl_trl.evaluation.report import format_table
+    from clip_rl_trl.evaluation import format_table
 
     rows = {
         k: {"value": v} for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -224,14 +215,7 @@ def _write_metrics(metrics: dict[str, Any], path: Path) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from clip_rl_trl.recipe import RecipeError, default_output_dir, run
-
-    recipe = _recipe(args)
-    output = _output_folder("--output-dir", args.output_dir or default_output_dir(args.config, args.toy))
-    try:
-        run(recipe, output)
-    except RecipeError as err:
-        raise CliError(f"--config {args.config}: {err}") from err
+    _train(args.recipe_args)
 
 
 def _read_captions(path: str, column: str) -> dict[str, tuple[Any, str]]:
@@ -297,11 +281,14 @@ def _evaluate_file(args: argparse.Namespace) -> None:
 
     captions = _read_captions(args.captions, args.column)
     shapes = args.dataset == "shapes"
-    n = args.shapes_n or (_shapes_size([i for i, _ in captions.values()], args.split) if shapes else 0)
-    dataset = _load_dataset(args.dataset, args.split, n, args.image_root)
-    if args.id_column not in dataset.column_names:
-        raise CliError(f"--id-column {args.id_column}: the dataset has columns {dataset.column_names}")
-    position = {str(i): row for row, i in enumerate(dataset[args.id_column])}
+    n = args.shapes_n or (_shapes_size([i for i, _ in captions.values()], args.split) if shapes else None)
+    try:
+        dataset = _load_dataset(args, n, args.refs_column)
+    except CliError as err:  # references are optional here: without them, no reference-based metrics
+        if f"no column {args.refs_column!r}" not in str(err):
+            raise
+        dataset = _load_dataset(args, n)
+    position = {str(i): row for row, i in enumerate(dataset["image_id"])}
     missing = [image_id for key, (image_id, _) in captions.items() if key not in position]
     if missing:
         raise CliError(
@@ -309,21 +296,19 @@ def _evaluate_file(args: argparse.Namespace) -> None:
             f"(split {args.split}), e.g. {missing[:3]}"
         )
     rows = dataset.select([position[key] for key in captions])
-    ids = rows[args.id_column]
+    ids = rows["image_id"]
     scorer = _scorer(args)
     if args.cache is not None:
         if not Path(args.cache).is_file():
             raise CliError(f"--cache {args.cache}: no such file")
         cache = ImageEmbeddingCache.load(args.cache)
     else:
-        if args.image_column not in rows.column_names:
-            raise CliError(f"--image-column {args.image_column}: the dataset has columns {rows.column_names}")
-        cache = ImageEmbeddingCache.build(rows, scorer, args.image_column, args.id_column)
+        cache = ImageEmbeddingCache.build(rows, scorer)
     try:
         image_emb = cache[ids].float()
     except KeyError as err:
         raise CliError(f"--cache {args.cache}: {err.args[0]}") from err
-    refs = rows[args.refs_column] if args.refs_column in rows.column_names else None
+    refs = rows["captions"] if "captions" in rows.column_names else None
     similarity = args.similarity
     if similarity == "captions" and refs is None:
         print(f"GEG groups by image cosine: no --refs-column {args.refs_column!r} for Zhang et al.'s Eq. 2")
@@ -337,11 +322,10 @@ def _evaluate_file(args: argparse.Namespace) -> None:
         )
     except ValueError as err:
         raise CliError(f"-k {args.k}: {err}") from err
-    world = scenes = None
-    if shapes:
-        from clip_rl_trl.data.shapes import ShapesWorld
+    from clip_rl_trl.data.sources import data_source
 
-        world, scenes = ShapesWorld(seed=0), rows["scene"]
+    world = data_source(_data_config(args)).language(_data_config(args))
+    scenes = rows["scene"] if world is not None else None
     try:
         metrics = evaluate_captions(
             [caption for _, caption in captions.values()],
@@ -360,35 +344,32 @@ def _evaluate_file(args: argparse.Namespace) -> None:
 
 
 def _evaluate_model(args: argparse.Namespace) -> None:
-    from clip_rl_trl.recipe import RecipeError, evaluate_saved
+    from clip_rl_trl.configs import ConfigError
+    from clip_rl_trl.pipeline import evaluate_saved
 
-    if args.no_coco_metrics:
-        args.set = [*args.set, "training.eval_coco_metrics=false"]
-    recipe = _recipe(args)
+    recipe = _parse_recipe(args.recipe_args)
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise CliError(f"--model {args.model}: no such folder")
     try:
-        metrics, captions, ids = evaluate_saved(recipe, model_dir, model_dir, similarity=args.similarity)
-    except RecipeError as err:
-        raise CliError(f"--config {args.config}: {err}") from err
+        metrics, captions, ids = evaluate_saved(recipe, model_dir, similarity=args.similarity,
+                                                coco_metrics=not args.no_coco_metrics)
+    except ConfigError as err:
+        raise CliError(f"--config: {err}") from err
     output = Path(args.output) if args.output else model_dir / "eval_metrics.json"
-    lines = [
-        json.dumps({"image_id": i, "caption": c}, ensure_ascii=False)
-        for i, c in zip(ids, captions, strict=True)
-    ]
+    lines = [json.dumps({"image_id": i, "caption": c}, ensure_ascii=False) for i, c in zip(ids, captions, strict=True)]
     output.with_suffix(".captions.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
     _write_metrics(metrics, output)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.model is not None:
-        if args.config is None:
-            raise CliError("--model needs --config (the recipe that names the data and the judge)")
         _evaluate_model(args)
     else:
         if args.dataset is None:
             raise CliError("--captions needs --dataset (the images and references the captions describe)")
+        if args.recipe_args:
+            raise CliError(f"unrecognized arguments: {' '.join(args.recipe_args)} (recipe flags go with --model)")
         _evaluate_file(args)
 
 
@@ -435,7 +416,8 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="clip-rl-trl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="clip-rl-trl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -520,32 +502,24 @@ def _add_clip_flags(parser: argparse.ArgumentParser, what: str = "the CLIP judge
     parser.add_argument("--batch-size", type=int, default=None)
 
 
-def _add_recipe_flags(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument(
-        "--config", required=required, help="a recipe (YAML), e.g. examples/configs/bidir_coco.yaml"
-    )
-    parser.add_argument(
-        "--toy", action="store_true", help="the recipe on the shapes world: offline, CPU, minutes"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set training.learning_rate=1e-5 (repeatable)",
-    )
+_RECIPE_HELP = (
+    "--config RECIPE [--toy] [--output_dir DIR] [--FIELD VALUE ...]: a recipe (YAML, or a packaged name such "
+    "as shapes_demo) and overrides of any of its fields, parsed by TrlParser (`clip-rl-trl train --config X "
+    "--help` lists every field); --toy runs the recipe's toy section on the shapes world"
+)
 
 
 def _add_train(sub: Any) -> None:
     train = sub.add_parser(
         "train",
-        help="fine-tune a captioner from a YAML recipe",
+        help="fine-tune a captioner from a recipe",
         description="Train the recipe's captioner with its rewards and CaptionRLConfig settings; evaluate "
-        "before and after; write the model, its model card (README.md), report.json, report.md, "
-        "captions.jsonl and training.png into the output folder. Recipes: docs/examples.md.",
+        "the test split before and after; write the model, its model card (README.md), report.json, "
+        "report.md, captions.jsonl and training.png into output_dir. Recipes: docs/examples.md. "
+        + _RECIPE_HELP,
+        add_help=False,
     )
-    _add_recipe_flags(train, required=True)
-    train.add_argument("--output-dir", default=None, help="default: outputs/<recipe name>[-toy]")
+    train.add_argument("-h", "--help", action="store_true", help="this help; with --config, every recipe field")
     train.set_defaults(func=cmd_train)
 
 
@@ -561,7 +535,10 @@ def _add_eval(sub: Any) -> None:
     source.add_argument(
         "--captions", help="JSON lines with image_id and a caption column, or a JSON list / map"
     )
-    source.add_argument("--model", help="a model folder written by 'clip-rl-trl train' (with --config)")
+    source.add_argument(
+        "--model", help="a model folder written by 'clip-rl-trl train', scored on the test split of the recipe "
+        "given after it: " + _RECIPE_HELP
+    )
     evaluate.add_argument(
         "--column",
         default="caption",
@@ -600,7 +577,6 @@ def _add_eval(sub: Any) -> None:
     evaluate.add_argument(
         "--no-coco-metrics", action="store_true", help="skip BLEU/METEOR/ROUGE-L/CIDEr/SPICE"
     )
-    _add_recipe_flags(evaluate, required=False)
     evaluate.add_argument(
         "--output",
         default=None,
@@ -625,13 +601,28 @@ def _add_push(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train" and args.help:
+        if "--config" not in rest:
+            _print_train_help(parser)
+            return 0
+        rest.append("--help")
+    if rest and args.command not in ("train", "eval"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.recipe_args = rest
     try:
         args.func(args)
     except CliError as err:
         print(f"clip-rl-trl {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_train_help(parser: argparse.ArgumentParser) -> None:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    sub.choices["train"].print_help()
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def load_hub_captions(
     split: str,
     *,
     image_column: str = "image",
-    captions_column: str = "captions",
+    captions_column: str | None = "captions",
     id_column: str | None = "image_id",
     **load_kwargs: Any,
 ) -> datasets.Dataset:
@@ -180,7 +180,8 @@ def load_hub_captions(
             ``save_to_disk`` folders.
         image_column: the dataset's image column (a ``datasets.Image()`` feature or paths), renamed ``image``.
         captions_column: the dataset's reference captions, renamed ``captions``: a list of strings per row, or
-            one string per row (wrapped into a one-caption list, which rewrites the dataset once).
+            one string per row (wrapped into a one-caption list, which rewrites the dataset once); ``None``
+            for images without references (``clip-rl-trl embed``).
         id_column: the dataset's unique image ids, renamed ``image_id``; ``None`` numbers the rows
             ``0, 1, ...`` within the loaded split instead (so ids change if the split or slice does).
         **load_kwargs: passed to ``datasets.load_dataset`` (``name``, ``revision``, ``cache_dir``, ...).
@@ -195,7 +196,9 @@ def load_hub_captions(
     """
     dataset = _load(name_or_path, split, load_kwargs)
     columns = list(dataset.column_names)
-    wanted = {"image_column": image_column, "captions_column": captions_column}
+    wanted = {"image_column": image_column}
+    if captions_column is not None:
+        wanted["captions_column"] = captions_column
     if id_column is not None:
         wanted["id_column"] = id_column
     if len(set(wanted.values())) < len(wanted):
@@ -211,7 +214,9 @@ def load_hub_captions(
             "id_column=None would number the rows into 'image_id', but the dataset already has an "
             "'image_id' column: pass id_column='image_id'"
         )
-    renames = {image_column: "image", captions_column: "captions"}
+    renames = {image_column: "image"}
+    if captions_column is not None:
+        renames[captions_column] = "captions"
     if id_column is not None:
         renames[id_column] = "image_id"
     for old, new in renames.items():
@@ -221,7 +226,26 @@ def load_hub_captions(
                 f"(pass {new!r} as the column to use, or drop it first)"
             )
     dataset = dataset.rename_columns({old: new for old, new in renames.items() if old != new})
+    if captions_column is not None:
+        dataset = _check_captions(dataset, name_or_path, captions_column)
+    if id_column is not None:
+        ids = dataset["image_id"]
+        seen: set[Any] = set()
+        for i, image_id in enumerate(ids):
+            if image_id in seen:
+                raise ValueError(
+                    f"id column {id_column!r} of {os.fspath(name_or_path)!r} repeats the id {image_id!r} "
+                    f"(row {i}): ids must be unique per image (pass id_column=None to number the rows)"
+                )
+            seen.add(image_id)
+    else:
+        dataset = dataset.add_column("image_id", list(range(len(dataset))))
+    return dataset
 
+
+
+def _check_captions(dataset: datasets.Dataset, name_or_path: Any, captions_column: str) -> datasets.Dataset:
+    """The ``captions`` column as lists of non-empty strings (a string per row is wrapped into a list)."""
     feature = dataset.features["captions"]
     if feature == datasets.Value("string") or feature == datasets.Value("large_string"):
         dataset = dataset.map(
@@ -249,18 +273,6 @@ def load_hub_captions(
                 raise ValueError(
                     f"row {i} of {os.fspath(name_or_path)!r}: caption {j} of {captions_column!r} is empty"
                 )
-    if id_column is not None:
-        ids = dataset["image_id"]
-        seen: set[Any] = set()
-        for i, image_id in enumerate(ids):
-            if image_id in seen:
-                raise ValueError(
-                    f"id column {id_column!r} of {os.fspath(name_or_path)!r} repeats the id {image_id!r} "
-                    f"(row {i}): ids must be unique per image (pass id_column=None to number the rows)"
-                )
-            seen.add(image_id)
-    else:
-        dataset = dataset.add_column("image_id", list(range(len(dataset))))
     return dataset
 
 

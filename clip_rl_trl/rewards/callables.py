@@ -24,9 +24,11 @@ from clip_rl_trl.embeddings import ImageEmbeddingCache
 from clip_rl_trl.rewards import functional as RF
 from clip_rl_trl.rewards.cider import CiderD
 from clip_rl_trl.rewards.discriminator import Discriminator
-from clip_rl_trl.rewards.grammar import GrammarHead
+from clip_rl_trl.rewards.grammar import GrammarHead, load_text_tower, save_text_tower, train_grammar_head
+from clip_rl_trl.rewards.registry import RewardEnv, register_reward
 
 __all__ = [
+    "ClipReward",
     "BidirectionalReward",
     "CiderReward",
     "ClipSReward",
@@ -93,16 +95,31 @@ def _finite(values: torch.Tensor | np.ndarray, name: str) -> list[float]:
     return values.tolist()
 
 
-class _ClipReward(ABC):
-    """Shared plumbing of the rewards that read CLIP embeddings of completions and of their images."""
+class ClipReward(ABC):
+    """The common base of the rewards that read CLIP embeddings of completions and of their images.
+
+    Subclass it for a CLIP reward of your own: implement :meth:`compute`, which receives the completions' text
+    embeddings ``txt (N, D)`` (from the shared text pass of the step), their images' cached embeddings
+    ``img (N, D)``, the image ids and the dataset columns, and returns ``(N,)`` rewards. ``__call__`` does the
+    rest (the TRL contract, the cache lookup, the check that every reward is finite). Set ``__name__``: TRL
+    logs ``rewards/<__name__>``. Register it with ``@register_reward("name")`` to name it in a recipe, where
+    :meth:`from_recipe` builds it from the judge and cache of the run.
+    """
 
     __name__ = "clip_reward"
     prompt = ""  # text prepended to each completion before encoding (CLIP-S only)
+    #: constructor parameters the pipeline supplies; every other one is a recipe option
+    injected: tuple[str, ...] = ("scorer", "cache", "id_column")
 
     def __init__(self, scorer: ClipScorer, cache: ImageEmbeddingCache, id_column: str = "image_id") -> None:
         self.scorer = scorer
         self.cache = cache
         self.id_column = id_column
+
+    @classmethod
+    def from_recipe(cls, env: RewardEnv, **options: Any) -> ClipReward:
+        """Built from a recipe: the run's judge and cache, the options as the constructor takes them."""
+        return cls(env.scorer, env.cache, id_column=env.id_column, **options)
 
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **columns: Any
@@ -153,7 +170,8 @@ def _check_groups(groups: Any, cache: ImageEmbeddingCache) -> None:
         raise TypeError("groups must be a mapping image id -> neighbour ids, or a LongTensor of cache rows")
 
 
-class ClipSReward(_ClipReward):
+@register_reward("clip_s")
+class ClipSReward(ClipReward):
     """CLIP-S, ``w * max(cos(c, I), 0)`` (Hessel et al. 2021; the reward of Cho et al. 2022).
 
     ``prompt`` is prepended to each caption before encoding, as in CLIPScore ("A photo depicts "); it makes a
@@ -178,7 +196,8 @@ class ClipSReward(_ClipReward):
         return RF.clip_s(img, txt, w=self.w)
 
 
-class RetrievalReward(_ClipReward):
+@register_reward("retrieval")
+class RetrievalReward(ClipReward):
     """DiscriTune: log-probability that CLIP retrieves the caption's image among the batch's images.
 
     ``logit_scale=None`` uses the scorer's own (100 for the released CLIP models). ``groups`` (optional) adds
@@ -201,12 +220,28 @@ class RetrievalReward(_ClipReward):
             _check_groups(groups, cache)
         self.groups = groups
 
+    @classmethod
+    def from_recipe(
+        cls,
+        env: RewardEnv,
+        *,
+        hard_negatives: int | Sequence[int] | None = None,
+        similarity: str = "image",
+        exclude_above: float | None = None,
+        **options: Any,
+    ) -> RetrievalReward:
+        """``hard_negatives``: ``K`` nearest training images, or their 0-based ranks (``[3, 4]``), by
+        ``similarity`` (``image`` cosine, or ``captions``: Zhang et al. Eq. 2); the rest as the constructor's."""
+        groups = env.hard_negatives(hard_negatives, similarity, exclude_above)
+        return cls(env.scorer, env.cache, id_column=env.id_column, groups=groups, **options)
+
     def compute(self, txt: torch.Tensor, img: torch.Tensor, ids: list[Any], columns: Mapping[str, Any]) -> torch.Tensor:
         hard = None if self.groups is None else self._group_emb(self.groups, ids).to(txt.device)
         return RF.retrieval_logprob(txt, img, _owners(ids).to(txt.device), self.logit_scale, hard_neg_emb=hard)
 
 
-class GroupGapReward(_ClipReward):
+@register_reward("group_gap")
+class GroupGapReward(ClipReward):
     """Group Embedding Gap (Zhang et al. 2022, Eq. 3/4) against each image's similar-image group.
 
     ``groups``: a mapping image id -> the ids of its K similar images, or a ``(len(cache), K)`` LongTensor of
@@ -232,12 +267,28 @@ class GroupGapReward(_ClipReward):
         self.groups = groups
         self.reduce = reduce
 
+    @classmethod
+    def from_recipe(
+        cls,
+        env: RewardEnv,
+        *,
+        k: int = 5,
+        similarity: str = "image",
+        exclude_above: float | None = None,
+        **options: Any,
+    ) -> GroupGapReward:
+        """Each training image against its ``k`` most similar training images (Zhang et al.: K = 5), found by
+        ``similarity`` (``image`` cosine, or ``captions``: their Eq. 2)."""
+        return cls(env.scorer, env.cache, env.groups(k, similarity, exclude_above), id_column=env.id_column,
+                   **options)
+
     def compute(self, txt: torch.Tensor, img: torch.Tensor, ids: list[Any], columns: Mapping[str, Any]) -> torch.Tensor:
         group = self._group_emb(self.groups, ids).to(txt.device)
         return RF.group_embedding_gap(txt, img, group, reduce=self.reduce)
 
 
-class BidirectionalReward(_ClipReward):
+@register_reward("bidirectional")
+class BidirectionalReward(ClipReward):
     """Chaffin et al. 2024: decoupled contrastive reward in both directions, ``temperature`` 0.01.
 
     ``refs_column`` (optional) adds the batch images' reference captions to the image-to-text denominators
@@ -265,6 +316,23 @@ class BidirectionalReward(_ClipReward):
             _check_groups(groups, cache)
         self.groups = groups
 
+    @classmethod
+    def from_recipe(
+        cls,
+        env: RewardEnv,
+        *,
+        hard_negatives: int | Sequence[int] | None = None,
+        similarity: str = "image",
+        exclude_above: float | None = None,
+        ref_negatives: bool = False,
+        **options: Any,
+    ) -> BidirectionalReward:
+        """``hard_negatives``: ``K`` nearest training images, or their 0-based ranks (``[3, 4]``), by
+        ``similarity`` (``image`` cosine, or ``captions``: Zhang et al. Eq. 2); the rest as the constructor's; ``ref_negatives``: the
+        references join the image-to-text denominators (``refs_column``)."""
+        groups = env.hard_negatives(hard_negatives, similarity, exclude_above)
+        return cls(env.scorer, env.cache, id_column=env.id_column, groups=groups, refs_column=env.captions_column if ref_negatives else None, **options)
+
     def compute(self, txt: torch.Tensor, img: torch.Tensor, ids: list[Any], columns: Mapping[str, Any]) -> torch.Tensor:
         owner = _owners(ids)
         extra_txt = extra_owner = extra_img = None
@@ -288,7 +356,8 @@ class BidirectionalReward(_ClipReward):
         )
 
 
-class DiscriminatorReward(_ClipReward):
+@register_reward("discriminator")
+class DiscriminatorReward(ClipReward):
     """Chaffin et al. 2024: ``P(human-written | image, caption)`` from an online :class:`Discriminator`.
 
     The reward is computed with the discriminator as it is *before* this step's update. With ``update=True``
@@ -313,6 +382,21 @@ class DiscriminatorReward(_ClipReward):
         self.refs_column = refs_column
         self.update = update
         self.last_stats: dict[str, float] = {}
+
+    injected = ("scorer", "cache", "id_column", "embed_dim")
+    option_sources = (Discriminator.__init__,)
+
+    @classmethod
+    def from_recipe(cls, env: RewardEnv, *, weights: str | None = None, **options: Any) -> DiscriminatorReward:
+        """A fresh :class:`Discriminator` (its constructor's options: ``lr``, ``hidden_dims``, ``seed``, ...),
+        or one loaded from a ``weights`` safetensors file; trained online by the trainer."""
+        discriminator = Discriminator(env.scorer.embed_dim, **options)
+        if weights is not None:
+            from safetensors.torch import load_file
+
+            discriminator.load_state_dict(load_file(weights))
+        return cls(discriminator, env.scorer, env.cache, id_column=env.id_column, refs_column=env.captions_column,
+                   update=False)
 
     def compute(self, txt: torch.Tensor, img: torch.Tensor, ids: list[Any], columns: Mapping[str, Any]) -> torch.Tensor:
         rewards = self.discriminator.reward(img, txt)  # before this step's update
@@ -361,6 +445,34 @@ class GrammarReward:
         self.head = head
         self.prompt = head.prompt
 
+    provides_scorer = True  # the other CLIP rewards of the recipe read the tuned text tower (Cho et al.)
+    injected = ("scorer", "image_emb", "captions", "progress", "callback", "negatives")
+    option_sources = (train_grammar_head,)
+
+    @classmethod
+    def from_recipe(cls, env: RewardEnv, *, path: str | None = None, **options: Any) -> GrammarReward:
+        """The grammar head and tuned text tower saved in ``path`` (default ``<output_dir>/grammar``), or, when
+        absent, trained on the training captions (:func:`train_grammar_head`'s options) and saved there. A
+        saved head trained with another ``prompt`` is refused."""
+        folder = env.path(path, "grammar")
+        tower = folder / "text_tower.safetensors"
+        with env.main_process_first():
+            if (folder / "grammar_head.safetensors").is_file() and tower.is_file():
+                head = GrammarHead.from_pretrained(folder)
+                tuned = load_text_tower(env.scorer, tower)
+            else:
+                tuned, head = train_grammar_head(
+                    env.scorer, env.train_image_embeddings(), env.train[env.captions_column],
+                    progress=env.progress, **options,
+                )
+                if env.is_main_process:
+                    head.save_pretrained(folder)
+                    save_text_tower(tuned, tower)
+        try:
+            return cls(tuned, head, prompt=options.get("prompt"))
+        except ValueError as err:
+            raise ValueError(f"path {str(folder)!r}: {err} (delete the folder to train it again)") from None
+
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **columns: Any
     ) -> list[float]:
@@ -381,6 +493,14 @@ class CiderReward:
     def __init__(self, cider: CiderD, refs_column: str = "captions") -> None:
         self.cider = cider
         self.refs_column = refs_column
+
+    injected = ("corpus_refs",)
+    option_sources = (CiderD.__init__,)
+
+    @classmethod
+    def from_recipe(cls, env: RewardEnv, **options: Any) -> CiderReward:
+        """Document frequencies of the training references; :class:`CiderD`'s options (``sigma``, ``normalize``)."""
+        return cls(CiderD(env.train[env.captions_column], **options), refs_column=env.captions_column)
 
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None, **columns: Any

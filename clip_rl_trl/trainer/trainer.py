@@ -32,10 +32,11 @@ from trl import GRPOTrainer
 from clip_rl_trl.baselines import ground_truth_weights, make_baseline
 from clip_rl_trl.clip import ClipScorer
 from clip_rl_trl.embeddings import ImageEmbeddingCache
-from clip_rl_trl.evaluation import evaluate_captions
+from clip_rl_trl.evaluation.captioning import evaluate_policy
 from clip_rl_trl.evaluation.nlg import NLG_KEYS
 from clip_rl_trl.models.clipcap import tokenize_captions
-from clip_rl_trl.models.policies import CaptionPolicy, completion_mask, policy_for
+from clip_rl_trl.models.families import policy_for
+from clip_rl_trl.models.policies import CaptionPolicy, completion_mask, unwrap_peft
 from clip_rl_trl.rewards.callables import DiscriminatorReward
 from clip_rl_trl.trainer.config import CaptionRLConfig
 from clip_rl_trl.trainer.model_card import model_card_text
@@ -145,6 +146,8 @@ class CaptionRLTrainer(GRPOTrainer):
         self.ref_model = None if reference is None else reference.to(self.accelerator.device)
         self._loss_image_inputs: dict[str, torch.Tensor] | None = None
         self.last_eval_metrics: dict[str, Any] = {}
+        self._train_captions: list[str] | None = None
+        self._groups_memo: dict[tuple, torch.Tensor | None] = {}
 
     # ------------------------------------------------------------------ checks
 
@@ -234,7 +237,8 @@ class CaptionRLTrainer(GRPOTrainer):
             for row, m in zip(ids, mask, strict=True)
         ]
 
-    def _captions(self, image_inputs: dict[str, torch.Tensor], mode: str, greedy: bool = False) -> torch.Tensor:
+    def _generation_kwargs(self, mode: str, greedy: bool = False) -> dict[str, Any]:
+        """``policy.generate`` settings: beam search for evaluation, else the training decoding."""
         args = self.args
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_completion_length, **(args.generation_kwargs or {})}
         if args.repetition_penalty != 1.0:
@@ -249,6 +253,10 @@ class CaptionRLTrainer(GRPOTrainer):
                 kwargs["top_p"] = self.top_p
             if args.min_p is not None:
                 kwargs["min_p"] = args.min_p
+        return kwargs
+
+    def _captions(self, image_inputs: dict[str, torch.Tensor], mode: str, greedy: bool = False) -> torch.Tensor:
+        kwargs = self._generation_kwargs(mode, greedy)
         unwrapped = self.accelerator.unwrap_model(self.model)
         was_training = unwrapped.training
         unwrapped.eval()
@@ -518,23 +526,17 @@ class CaptionRLTrainer(GRPOTrainer):
         if self.scorer is None or self.image_cache is None:
             raise ValueError("evaluate needs a scorer and an image cache (pass scorer= and image_cache=)")
         args = self.args
-        rows = list({row[args.image_id_column]: row for row in dataset}.values())
-        captions: list[str] = []
-        eos = self.caption_tokenizer.eos_token_id
-        batch = args.per_device_eval_batch_size
-        for start in range(0, len(rows), batch):
-            chunk = rows[start : start + batch]
-            ids = self._captions(self.policy.image_inputs(chunk, self.accelerator.device), "eval")
-            captions += self._decode(ids, completion_mask(ids, eos))
-        refs = [row[args.captions_column] for row in rows] if args.captions_column in rows[0] else None
-        image_emb = self.image_cache[[row[args.image_id_column] for row in rows]].float()
-        world_kwargs = {}
-        if self.world is not None:
-            if "scene" not in rows[0]:
-                raise ValueError("evaluate with a world needs a 'scene' column in the evaluation dataset")
-            world_kwargs = {"world": self.world, "scenes": [row["scene"] for row in rows]}
-        metrics = evaluate_captions(captions, image_emb, self.scorer, refs=refs, coco_metrics=args.eval_coco_metrics,
-                                    **world_kwargs)
+        if self._train_captions is None and self.train_dataset is not None:
+            column = self.train_dataset[args.captions_column] if args.captions_column in self.train_dataset.column_names else []
+            self._train_captions = [c for caps in column for c in caps]
+        metrics, captions, _ = evaluate_policy(
+            self.accelerator.unwrap_model(self.model), self.policy, dataset, tokenizer=self.caption_tokenizer,
+            scorer=self.scorer, cache=self.image_cache, id_column=args.image_id_column,
+            captions_column=args.captions_column, batch_size=args.per_device_eval_batch_size,
+            generation=self._generation_kwargs("eval"), language=self.world,
+            train_captions=self._train_captions or None, coco_metrics=args.eval_coco_metrics, seed=args.seed,
+            groups_memo=self._groups_memo,
+        )
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         selection = self._selection_score(numeric)
         if selection is not None:
@@ -578,8 +580,7 @@ class CaptionRLTrainer(GRPOTrainer):
         """Write ``README.md`` in ``output_dir``: captioner, rewards and weights, baseline, last metrics, papers."""
         if not self.is_world_process_zero():
             return
-        base = self.accelerator.unwrap_model(self.model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        base = unwrap_peft(self.accelerator.unwrap_model(self.model))
         details: dict[str, Any] = {"class": type(base).__name__}
         config = getattr(base, "config", None)
         for key in ("prefix_dim", "prefix_length", "mapper_type"):
