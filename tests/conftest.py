@@ -1,6 +1,11 @@
-"""Shared test set-up: offline Hub, and the tiny random open_clip CLIP most tests judge with."""
+"""Shared test set-up: offline Hub, and the tiny random models most tests build: the open_clip CLIP they judge
+with, a GPT-2 decoder over a test vocabulary, a ClipCap on top of it, and CaptionRLTrainer arguments that train
+two steps on the CPU."""
+
+from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -11,6 +16,11 @@ import torch
 from open_clip.transform import image_transform
 
 from clip_rl_trl import ClipScorer
+
+if TYPE_CHECKING:
+    from transformers import GPT2Config
+
+    from clip_rl_trl import CaptionRLConfig, ClipCapModel
 
 
 def make_tiny_scorer(seed: int = 0, batch_size: int = 256) -> ClipScorer:
@@ -24,6 +34,49 @@ def make_tiny_scorer(seed: int = 0, batch_size: int = 256) -> ClipScorer:
     return ClipScorer(
         model, open_clip.SimpleTokenizer(context_length=24), image_transform(32, is_train=False), batch_size=batch_size
     )
+
+
+def tiny_gpt2_config(tokenizer: Any, **overrides: Any) -> GPT2Config:
+    """A 2-layer, width-32 GPT-2 over ``tokenizer``'s vocabulary, with its BOS / EOS / PAD ids; context 48."""
+    from transformers import GPT2Config
+
+    shape = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 48, **overrides}
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape,
+    )
+
+
+def make_tiny_clipcap(
+    tokenizer: Any, seed: int | None = 0, *, gpt: dict[str, Any] | None = None, **config: Any
+) -> ClipCapModel:
+    """A random ClipCap (prefix dim 64, prefix length 4) on ``tiny_gpt2_config(tokenizer, **gpt)``.
+
+    ``seed`` seeds torch's global RNG first (``None``: the caller's RNG as it stands); ``config`` goes to
+    ``ClipCapConfig``.
+    """
+    from clip_rl_trl import ClipCapConfig, ClipCapModel
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = {"prefix_dim": 64, "prefix_length": 4, **config}
+    return ClipCapModel(ClipCapConfig(gpt2_config=tiny_gpt2_config(tokenizer, **(gpt or {})).to_dict(), **config))
+
+
+def tiny_rl_args(output_dir: Any, **overrides: Any) -> CaptionRLConfig:
+    """``CaptionRLConfig`` for two CPU steps of 8 completions (4 per prompt), seed 0, no saving, no reporting."""
+    from clip_rl_trl import CaptionRLConfig
+
+    kwargs = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
+        max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        bf16=False, seed=0, disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return CaptionRLConfig(**kwargs)
 
 
 @pytest.fixture(scope="module")

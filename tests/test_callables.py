@@ -200,20 +200,15 @@ def _word_tokenizer(words):
 
 
 def test_rewards_drive_a_stock_grpo_trainer(scorer, cache, tmp_path) -> None:
+    from conftest import tiny_gpt2_config
     from datasets import Dataset
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
     from trl import GRPOConfig, GRPOTrainer
 
     words = sorted({w for refs in REFS.values() for r in refs for w in r.split()} | {"describe:"})
     tokenizer = _word_tokenizer(words)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    model = GPT2LMHeadModel(tiny_gpt2_config(tokenizer, n_positions=32))
     ids = [f"img{i}" for i in range(4)]
     data = Dataset.from_dict(
         {"prompt": ["describe:"] * 4, "image_id": ids, "captions": [REFS[i] for i in ids]}

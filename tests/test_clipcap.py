@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_clipcap, tiny_gpt2_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from clip_rl_trl.data.shapes import ShapesLanguage
@@ -34,24 +35,11 @@ def tok():
 
 
 def gpt2_config(tok, **kw) -> GPT2Config:
-    return GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        n_positions=64,
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **kw,
-    )
+    return tiny_gpt2_config(tok, n_positions=64, **kw)
 
 
 def make_model(tok, seed: int = 0, **kw) -> ClipCapModel:
-    torch.manual_seed(seed)
-    kw.setdefault("prefix_length", 4)
-    kw.setdefault("prefix_dim", 64)
-    return ClipCapModel(ClipCapConfig(gpt2_config=gpt2_config(tok), **kw)).eval()
+    return make_tiny_clipcap(tok, seed, gpt={"n_positions": 64}, **kw).eval()
 
 
 def embeds(n: int, seed: int = 1) -> torch.Tensor:

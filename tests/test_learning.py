@@ -29,14 +29,12 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import make_tiny_clipcap
 from test_policies import blip_model, blip_tokenizer
-from transformers import GPT2Config
 
 from clip_rl_trl import (
     CaptionRLConfig,
     CaptionRLTrainer,
-    ClipCapConfig,
-    ClipCapModel,
     ClipScorer,
     ClipSReward,
     ImageEmbeddingCache,
@@ -108,20 +106,8 @@ def shapes() -> Shapes:
 def clipcap(shapes: Shapes) -> Captioner:
     tokenizer = ShapesLanguage.word_tokenizer()
     data = shapes.data.remove_columns(["image"])  # ClipCap reads the cached embeddings
-    torch.manual_seed(0)
-    gpt = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=32,
-        n_embd=64,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = ClipCapModel(
-        ClipCapConfig(prefix_dim=shapes.scorer.embed_dim, prefix_length=4, gpt2_config=gpt.to_dict())
-    )
+    gpt = {"n_positions": 32, "n_embd": 64}
+    model = make_tiny_clipcap(tokenizer, 0, gpt=gpt, prefix_dim=shapes.scorer.embed_dim)
     losses = train_clipcap_mle(
         model,
         shapes.cache[data["image_id"]].float(),

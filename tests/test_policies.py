@@ -4,7 +4,7 @@ and train."""
 
 import pytest
 import torch
-from conftest import make_tiny_scorer
+from conftest import make_tiny_scorer, tiny_gpt2_config, tiny_rl_args
 from transformers import (
     BertTokenizerFast,
     BlipConfig,
@@ -13,7 +13,6 @@ from transformers import (
     BlipProcessor,
     CLIPImageProcessor,
     CLIPVisionConfig,
-    GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlavaConfig,
@@ -23,7 +22,6 @@ from transformers import (
 
 from clip_rl_trl import (
     BidirectionalReward,
-    CaptionRLConfig,
     CaptionRLTrainer,
     ClipCapConfig,
     ClipCapModel,
@@ -101,10 +99,7 @@ def llava_model(processor, seed: int = 0) -> LlavaForConditionalGeneration:
 
 def gpt2_lm(tokenizer, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    return GPT2LMHeadModel(tiny_gpt2_config(tokenizer, n_positions=32))
 
 
 @pytest.fixture(scope="module")
@@ -137,16 +132,6 @@ def argmax_loop(policy, model, inputs, steps: int, banned: int | None = None) ->
                 nxt[:, banned] = -float("inf")
             ids = torch.cat([ids, nxt.argmax(dim=-1, keepdim=True)], dim=1)
     return ids
-
-
-def make_args(tmp_path, **overrides) -> CaptionRLConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-        max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-        bf16=False, seed=0, disable_tqdm=True,
-    )
-    kwargs.update(overrides)
-    return CaptionRLConfig(**kwargs)
 
 
 # ---------------------------------------------------------------------- BLIP
@@ -337,7 +322,7 @@ def test_text_lm_trains_in_caption_rl_trainer(setup, tmp_path) -> None:
     data, scorer, cache = setup
     tok = ShapesLanguage.word_tokenizer()
     trainer = CaptionRLTrainer(
-        model=gpt2_lm(tok), reward_funcs=[BidirectionalReward(scorer, cache)], args=make_args(tmp_path),
+        model=gpt2_lm(tok), reward_funcs=[BidirectionalReward(scorer, cache)], args=tiny_rl_args(tmp_path),
         train_dataset=data.remove_columns("image"), processing_class=tok, policy=CausalLMPolicy(tok, prompt="a"),
     )
     _train(trainer)
@@ -388,7 +373,7 @@ def test_blip_trains_in_caption_rl_trainer(setup, tmp_path) -> None:
     tok = blip_tokenizer()
     trainer = CaptionRLTrainer(
         model=blip_model(tok), reward_funcs=[BidirectionalReward(scorer, cache)],
-        args=make_args(tmp_path, gt_loss_weight=0.5), train_dataset=data, processing_class=tok,
+        args=tiny_rl_args(tmp_path, gt_loss_weight=0.5), train_dataset=data, processing_class=tok,
     )
     assert isinstance(trainer.policy, BlipPolicy)
     _train(trainer)
@@ -399,7 +384,7 @@ def test_llava_trains_in_caption_rl_trainer(setup, tmp_path) -> None:
     processor = llava_processor()
     trainer = CaptionRLTrainer(
         model=llava_model(processor), reward_funcs=[BidirectionalReward(scorer, cache)],
-        args=make_args(tmp_path), train_dataset=data, processing_class=processor.tokenizer,
+        args=tiny_rl_args(tmp_path), train_dataset=data, processing_class=processor.tokenizer,
         policy=CausalVLMPolicy(processor, prompt="<image>"),
     )
     _train(trainer)

@@ -4,15 +4,13 @@ import os
 
 import pytest
 import torch
-from conftest import make_tiny_scorer
-from transformers import GPT2Config
+from conftest import make_tiny_clipcap, make_tiny_scorer, tiny_rl_args
 from trl import GRPOTrainer
 
 from clip_rl_trl import (
     BidirectionalReward,
     CaptionRLConfig,
     CaptionRLTrainer,
-    ClipCapConfig,
     ClipCapModel,
     Discriminator,
     DiscriminatorReward,
@@ -38,23 +36,11 @@ def setup(world):
     return data.remove_columns("image"), scorer, cache, ShapesLanguage.word_tokenizer()
 
 
-def make_model(tokenizer, seed: int = 0) -> ClipCapModel:
-    torch.manual_seed(seed)
-    gpt = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=48, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return ClipCapModel(ClipCapConfig(prefix_dim=64, prefix_length=4, gpt2_config=gpt.to_dict()))
+make_model = make_tiny_clipcap
 
 
 def make_args(tmp_path, **overrides) -> CaptionRLConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=10,
-        max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-        bf16=False, seed=0, disable_tqdm=True,
-    )
-    kwargs.update(overrides)
-    return CaptionRLConfig(**kwargs)
+    return tiny_rl_args(tmp_path, **{"max_completion_length": 10, **overrides})
 
 
 def make_trainer(setup, args, rewards=None, model=None, **kwargs) -> CaptionRLTrainer:

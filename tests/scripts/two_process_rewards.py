@@ -15,17 +15,13 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
 from accelerate.utils import gather_object
-from transformers import GPT2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared tiny CLIP
-from conftest import make_tiny_scorer  # noqa: E402
+from conftest import make_tiny_clipcap, make_tiny_scorer, tiny_rl_args  # noqa: E402
 
 from clip_rl_trl import (
     BidirectionalReward,
-    CaptionRLConfig,
     CaptionRLTrainer,
-    ClipCapConfig,
-    ClipCapModel,
     ImageEmbeddingCache,
     RetrievalReward,
     ShapesWorld,
@@ -40,15 +36,11 @@ def main(out_path: str, gather: bool) -> None:
     scorer = make_tiny_scorer()
     cache = ImageEmbeddingCache.build(data, scorer, progress=False)
     tokenizer = ShapesLanguage.word_tokenizer()
-    gpt = GPT2Config(vocab_size=len(tokenizer), n_positions=48, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = ClipCapModel(ClipCapConfig(prefix_dim=64, prefix_length=4, gpt2_config=gpt.to_dict()))
+    model = make_tiny_clipcap(tokenizer, seed=None)  # word tokenizer: <pad> 0, <bos> 1, <eos> 2
     rewards = [BidirectionalReward(scorer, cache), RetrievalReward(scorer, cache)]
-    args = CaptionRLConfig(
-        output_dir=os.path.join(os.path.dirname(out_path), "run"), per_device_train_batch_size=4,
-        num_generations=2, max_completion_length=8, max_steps=2, learning_rate=1e-3, report_to=[],
-        save_strategy="no", use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
-        gather_rewards_across_processes=gather,
+    args = tiny_rl_args(
+        os.path.join(os.path.dirname(out_path), "run"), per_device_train_batch_size=4, num_generations=2,
+        logging_steps=500, gather_rewards_across_processes=gather,
     )
     trainer = CaptionRLTrainer(model=model, reward_funcs=rewards, args=args,
                                train_dataset=data.remove_columns("image"), processing_class=tokenizer)
