@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_rl_trl.rewards.functional import check_embedding_matrix
+
 logger = logging.getLogger(__name__)
 
 # Adam hyper-parameters kept in the state dict (as float64 tensors) so that a resumed run uses the values
@@ -41,16 +43,7 @@ class EmbeddingPair(NamedTuple):
 def _check_embeddings(img_emb: Any, txt_emb: Any, embed_dim: int, names: tuple[str, str]) -> None:
     """Raise a ``TypeError``/``ValueError`` naming the argument when the two are not matching finite (N, D)."""
     for value, name in zip((img_emb, txt_emb), names, strict=True):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.ndim != 2 or value.shape[1] != embed_dim:
-            raise ValueError(f"{name} must have shape (N, {embed_dim}), got {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if value.shape[0] == 0:
-            raise ValueError(f"{name} is empty (N = 0)")
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
+        check_embedding_matrix(value, embed_dim, name, allow_empty=False)
     if img_emb.shape[0] != txt_emb.shape[0]:
         raise ValueError(
             f"{names[0]} and {names[1]} must have the same number of rows (one image per caption), "

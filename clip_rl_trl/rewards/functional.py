@@ -120,6 +120,24 @@ def _validate(
     return out
 
 
+def check_embedding_matrix(value: Any, embed_dim: int, name: str, *, allow_empty: bool = True) -> None:
+    """Raise an error naming ``name`` unless ``value`` is a finite floating-point ``(N, embed_dim)`` tensor.
+
+    The input check of the learned reward heads (the discriminator, the grammar head): unlike the formulas of
+    this module they read raw features, so rows need not be unit-norm. ``allow_empty=False`` also refuses N = 0.
+    """
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.ndim != 2 or value.shape[1] != embed_dim:
+        raise ValueError(f"{name} must have shape (N, {embed_dim}), got {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if not allow_empty and value.shape[0] == 0:
+        raise ValueError(f"{name} is empty (N = 0)")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
 def _positive(name: str, value: Any) -> float:
     """A finite scalar > 0 (a real number, NumPy scalars included, or a one-element tensor) as a float."""
     if isinstance(value, Tensor) and value.numel() == 1:
@@ -157,6 +175,26 @@ def _distinct_images(img_emb: Tensor, owner: Tensor) -> tuple[Tensor, Tensor, Te
                 f"embeddings (cosine {float(agreement[i]):.4f}): rows of one owner must be the same image"
             )
     return images, ids, inverse
+
+
+def _owned_batch(
+    txt_emb: Tensor, img_emb: Tensor, owner: Tensor, **extra: tuple[Any, str]
+) -> tuple[dict[str, Tensor | None], Tensor, Tensor, Tensor]:
+    """Validate a batch of captions with their images' owners, then dedupe the images.
+
+    ``txt_emb`` and ``img_emb`` are ``"float N D"``, ``owner`` is ``"int N"``, ``extra`` maps further arguments to
+    their specs (checked after those three, in order). Returns the validated tensors by name and
+    :func:`_distinct_images` of ``img_emb``: ``(tensors, images (U, D), owner ids (U,), inverse (N,))``.
+    """
+    t = _validate(
+        {
+            "txt_emb": (txt_emb, "float N D"),
+            "img_emb": (img_emb, "float N D"),
+            "owner": (owner, "int N"),
+            **extra,
+        }
+    )
+    return (t, *_distinct_images(t["img_emb"], t["owner"]))
 
 
 def _logsumexp_nonempty(logits: Tensor, dim: int, direction: str) -> Tensor:
@@ -245,16 +283,8 @@ def retrieval_logprob(
     with a repeat of its own image. At least two candidates are needed, otherwise the reward is identically 0.
     """
     scale = _positive("logit_scale", logit_scale)
-    t = _validate(
-        {
-            "txt_emb": (txt_emb, "float N D"),
-            "img_emb": (img_emb, "float N D"),
-            "owner": (owner, "int N"),
-            "hard_neg_emb": (hard_neg_emb, "float N K? D"),
-        }
-    )
+    t, images, _, inverse = _owned_batch(txt_emb, img_emb, owner, hard_neg_emb=(hard_neg_emb, "float N K? D"))
     txt = t["txt_emb"]
-    images, _, inverse = _distinct_images(t["img_emb"], t["owner"])
     logits = scale * txt @ images.T
     if t["hard_neg_emb"] is not None:
         logits = torch.cat([logits, scale * torch.einsum("nd,nkd->nk", txt, t["hard_neg_emb"])], 1)
@@ -320,18 +350,15 @@ def bidirectional_contrastive(
     _choice("directions", directions, ("both", "t2i", "i2t"))
     if extra_txt_owner is not None and extra_txt_emb is None:
         raise ValueError("extra_txt_owner was given without extra_txt_emb")
-    t = _validate(
-        {
-            "txt_emb": (txt_emb, "float N D"),
-            "img_emb": (img_emb, "float N D"),
-            "owner": (owner, "int N"),
-            "extra_txt_emb": (extra_txt_emb, "float M? D"),
-            "extra_txt_owner": (extra_txt_owner, "int M?"),
-            "extra_img_emb": (extra_img_emb, "float N K? D"),
-        }
+    t, images, ids, inverse = _owned_batch(
+        txt_emb,
+        img_emb,
+        owner,
+        extra_txt_emb=(extra_txt_emb, "float M? D"),
+        extra_txt_owner=(extra_txt_owner, "int M?"),
+        extra_img_emb=(extra_img_emb, "float N K? D"),
     )
     txt = t["txt_emb"]
-    images, ids, inverse = _distinct_images(t["img_emb"], t["owner"])
     # One (N, U) matrix serves both directions: row i is caption i against every distinct image (t2i),
     # column u is image u against every caption (i2t). Entries of a caption and its own image are masked.
     sim = txt @ images.T / tau

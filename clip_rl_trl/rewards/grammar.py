@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clip_rl_trl.clip import ClipScorer
+from clip_rl_trl.rewards.functional import check_embedding_matrix
 
 CORRUPTIONS: tuple[str, ...] = ("repeat", "remove", "insert", "swap", "shuffle")
 _HEAD_FILE = "grammar_head.safetensors"
@@ -174,17 +175,6 @@ def make_grammar_negatives(
     return GrammarNegativeSampler(seed, **sampler_kwargs)(captions, num_negatives)
 
 
-def _check_text_embeddings(txt_emb: Any, embed_dim: int, name: str = "txt_emb") -> None:
-    if not isinstance(txt_emb, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(txt_emb).__name__}")
-    if txt_emb.ndim != 2 or txt_emb.shape[1] != embed_dim:
-        raise ValueError(f"{name} must have shape (N, {embed_dim}), got {tuple(txt_emb.shape)}")
-    if not txt_emb.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {txt_emb.dtype}")
-    if not torch.isfinite(txt_emb).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-
-
 class GrammarHead(nn.Module):
     """``Linear(D, D, bias=False) -> ReLU -> Linear(D, 2, bias=False)`` on the CLIP text embedding (Cho et al.).
 
@@ -214,7 +204,7 @@ class GrammarHead(nn.Module):
 
     def forward(self, txt_emb: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, 2)``: column 0 "ungrammatical", column 1 "grammatical"."""
-        _check_text_embeddings(txt_emb, self.embed_dim)
+        check_embedding_matrix(txt_emb, self.embed_dim, "txt_emb")
         device = next(self.parameters()).device
         if txt_emb.device != device:
             self.to(txt_emb.device)
@@ -368,7 +358,7 @@ def train_grammar_head(
     if not lr > 0 or (head_lr is not None and not head_lr > 0):
         raise ValueError(f"learning rates must be > 0, got lr={lr}, head_lr={head_lr}")
     embed_dim = scorer.embed_dim
-    _check_text_embeddings(image_emb, embed_dim, "image_emb")
+    check_embedding_matrix(image_emb, embed_dim, "image_emb")
 
     device = scorer.device
     model = copy.deepcopy(scorer.model)
