@@ -8,17 +8,17 @@ Reinforcement Learning" (WACV), the full method:
 - the RL term on ground-truth captions, each reference weighted by its reward kept non-negative,
   ``-max(r(gt), 0) * log p(gt | image)``, added with weight ``gt_loss_weight`` (docs/trainer.md).
 
-The recipe (data, CLIP judge, captioner, rewards, CaptionRLConfig) is examples/configs/bidir_coco.yaml.
+The recipe (data, CLIP judge, captioner, rewards, CaptionRLConfig: a flat TrlParser config) is examples/configs/bidir_coco.yaml.
 
     accelerate launch --config_file examples/accelerate_configs/single_gpu.yaml \\
-        examples/bidir_coco.py --config examples/configs/bidir_coco.yaml [--output-dir DIR] [--set KEY=VALUE]
+        examples/bidir_coco.py --config examples/configs/bidir_coco.yaml [--output_dir DIR] [--FIELD VALUE]
     python examples/bidir_coco.py --config examples/configs/bidir_coco.yaml --toy  # shapes world, CPU
 
 Writes the fine-tuned captioner, its model card (README.md), report.json / report.md (before and after),
 captions.jsonl and training.png into the output folder (default outputs/bidir_coco[-toy]).
 """
 
-from clip_rl_trl.recipe import example_main
+from clip_rl_trl.pipeline import main
 
 if __name__ == "__main__":
-    example_main(__doc__)
+    main()

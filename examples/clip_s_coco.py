@@ -9,17 +9,17 @@ The captioner is fine-tuned to raise its CLIP-S, with self-critical sequence tra
   of the recipe;
 - advantage ``r(sample) - r(greedy caption of the same image)`` (Rennie et al. 2017), 5 samples per image.
 
-The recipe (data, CLIP judge, captioner, rewards, CaptionRLConfig) is examples/configs/clip_s_coco.yaml.
+The recipe (data, CLIP judge, captioner, rewards, CaptionRLConfig: a flat TrlParser config) is examples/configs/clip_s_coco.yaml.
 
     accelerate launch --config_file examples/accelerate_configs/single_gpu.yaml \\
-        examples/clip_s_coco.py --config examples/configs/clip_s_coco.yaml [--output-dir DIR] [--set K=V]
+        examples/clip_s_coco.py --config examples/configs/clip_s_coco.yaml [--output_dir DIR] [--FIELD VALUE]
     python examples/clip_s_coco.py --config examples/configs/clip_s_coco.yaml --toy  # shapes world, CPU
 
 Writes the fine-tuned captioner, its model card (README.md), report.json / report.md (before and after),
 captions.jsonl and training.png into the output folder (default outputs/clip_s_coco[-toy]).
 """
 
-from clip_rl_trl.recipe import example_main
+from clip_rl_trl.pipeline import main
 
 if __name__ == "__main__":
-    example_main(__doc__)
+    main()

@@ -10,14 +10,14 @@ The captioner is fine-tuned so that a frozen CLIP retrieves the caption's image 
 The recipe (data, CLIP judge, captioner, reward, CaptionRLConfig) is examples/configs/discritune_coco.yaml.
 
     accelerate launch --config_file examples/accelerate_configs/single_gpu.yaml \\
-        examples/discritune_coco.py --config examples/configs/discritune_coco.yaml [--output-dir DIR]
+        examples/discritune_coco.py --config examples/configs/discritune_coco.yaml [--output_dir DIR]
     python examples/discritune_coco.py --config examples/configs/discritune_coco.yaml --toy
 
 Writes the fine-tuned captioner, its model card (README.md), report.json / report.md (before and after),
 captions.jsonl and training.png into the output folder (default outputs/discritune_coco[-toy]).
 """
 
-from clip_rl_trl.recipe import example_main
+from clip_rl_trl.pipeline import main
 
 if __name__ == "__main__":
-    example_main(__doc__)
+    main()

@@ -10,14 +10,14 @@ The captioner is fine-tuned to describe its image better than the K = 5 most sim
 Start from a CIDEr-SCST captioner, as the paper does. The recipe is examples/configs/geg_coco.yaml.
 
     accelerate launch --config_file examples/accelerate_configs/single_gpu.yaml \\
-        examples/geg_coco.py --config examples/configs/geg_coco.yaml [--output-dir DIR] [--set KEY=VALUE]
+        examples/geg_coco.py --config examples/configs/geg_coco.yaml [--output_dir DIR] [--FIELD VALUE]
     python examples/geg_coco.py --config examples/configs/geg_coco.yaml --toy  # shapes world, CPU
 
 Writes the fine-tuned captioner, its model card (README.md), report.json / report.md (before and after),
 captions.jsonl and training.png into the output folder (default outputs/geg_coco[-toy]).
 """
 
-from clip_rl_trl.recipe import example_main
+from clip_rl_trl.pipeline import main
 
 if __name__ == "__main__":
-    example_main(__doc__)
+    main()

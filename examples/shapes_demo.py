@@ -6,16 +6,20 @@ starts generic, and the RL stage (bidirectional contrastive reward + discriminat
 its captions distinctive. The world checks what no real dataset can: does a caption parse (grammar validity),
 and are the attributes it names true of the scene (attribute precision).
 
-The recipe is examples/configs/shapes_demo.yaml; `clip-rl-trl demo` runs the same recipe with a richer report.
+The recipe is the packaged clip_rl_trl/recipes/shapes_demo.yaml (`--config shapes_demo`, the default here), the
+recipe `clip-rl-trl demo` runs.
 
-    python examples/shapes_demo.py --config examples/configs/shapes_demo.yaml [--output-dir DIR] [--set K=V]
-    python examples/shapes_demo.py --config examples/configs/shapes_demo.yaml --toy      # about a minute
+    python examples/shapes_demo.py [--output_dir DIR] [--FIELD VALUE ...]       # minutes
+    python examples/shapes_demo.py --toy                                         # about a minute
 
 Writes the fine-tuned captioner, its model card (README.md), report.json / report.md (before and after),
 captions.jsonl, training.png and captions.png into the output folder (default outputs/shapes_demo[-toy]).
 """
 
-from clip_rl_trl.recipe import example_main
+import sys
+
+from clip_rl_trl.pipeline import main
 
 if __name__ == "__main__":
-    example_main(__doc__)
+    argv = sys.argv[1:]
+    main(argv if "--config" in argv else ["--config", "shapes_demo", *argv])

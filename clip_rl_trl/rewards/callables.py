@@ -421,6 +421,7 @@ class DiscriminatorReward(ClipReward):
         return self.discriminator.update((gt_img, gt_txt), (img, txt))
 
 
+@register_reward("grammar")
 class GrammarReward:
     """Cho et al. 2022: ``P(grammatical)`` from a :class:`GrammarHead` on the caption's CLIP text embedding.
 
@@ -481,6 +482,7 @@ class GrammarReward:
         return _finite(self.head.reward(txt), self.__name__)
 
 
+@register_reward("cider")
 class CiderReward:
     """CIDEr-D of each completion against its image's references (Vedantam et al. 2015), for SCST and GEG.
 
