@@ -462,17 +462,8 @@ def test_mle_training_memorises_captions(tok):
 def test_mle_accepts_several_captions_per_image_and_checks_input(tok):
     model = make_model(tok)
     e = embeds(2)
-    losses = train_clipcap_mle(
-        model,
-        e,
-        [["a circle", "a red circle"], ["a square"]],
-        tok,
-        epochs=1,
-        batch_size=8,
-        lr=1e-3,
-        seed=0,
-        progress=False,
-    )
+    captions = [["a circle", "a red circle"], ["a square"]]
+    losses = train_clipcap_mle(model, e, captions, tok, epochs=1, batch_size=8, lr=1e-3, seed=0, progress=False)
     assert len(losses) == 1
     with pytest.raises(ValueError, match="3 caption entries for 2 image embeddings"):
         train_clipcap_mle(model, e, CAPTIONS, tok, epochs=1, batch_size=2, lr=1e-3, seed=0, progress=False)
