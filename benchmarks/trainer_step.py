@@ -46,10 +46,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import datasets
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transform import image_transform
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -122,10 +120,7 @@ def distinct_words(completions: list[str], **kwargs: Any) -> list[float]:
 def vit_b_32_judge(device: torch.device) -> ClipScorer:
     """A random CLIP of ViT-B/32's size (no download): a judge's weights do not change its cost."""
     torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
-    return ClipScorer(
-        model, open_clip.get_tokenizer("ViT-B-32"), image_transform(224, is_train=False), device=device
-    )
+    return ClipScorer.from_open_clip("ViT-B-32", pretrained=None, device=device)
 
 
 def image_cache(n: int, dim: int) -> ImageEmbeddingCache:
