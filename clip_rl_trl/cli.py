@@ -42,7 +42,7 @@ def _data_config(args: argparse.Namespace, captions_column: str | None = "captio
 
     try:
         return DataConfig(
-            dataset_name=args.dataset, image_root=args.image_root, dataset_image_column=args.image_column,
+            dataset_name=args.dataset, image_root=args.image_root, dataset_image_column=getattr(args, "image_column", None),
             dataset_captions_column=captions_column or "captions", dataset_id_column=args.id_column,
         )
     except ConfigError as err:
@@ -282,12 +282,13 @@ def _evaluate_file(args: argparse.Namespace) -> None:
     captions = _read_captions(args.captions, args.column)
     shapes = args.dataset == "shapes"
     n = args.shapes_n or (_shapes_size([i for i, _ in captions.values()], args.split) if shapes else None)
+    has_refs = True
     try:
         dataset = _load_dataset(args, n, args.refs_column)
     except CliError as err:  # references are optional here: without them, no reference-based metrics
         if f"no column {args.refs_column!r}" not in str(err):
             raise
-        dataset = _load_dataset(args, n)
+        dataset, has_refs = _load_dataset(args, n), False
     position = {str(i): row for row, i in enumerate(dataset["image_id"])}
     missing = [image_id for key, (image_id, _) in captions.items() if key not in position]
     if missing:
@@ -308,7 +309,7 @@ def _evaluate_file(args: argparse.Namespace) -> None:
         image_emb = cache[ids].float()
     except KeyError as err:
         raise CliError(f"--cache {args.cache}: {err.args[0]}") from err
-    refs = rows["captions"] if "captions" in rows.column_names else None
+    refs = rows["captions"] if has_refs else None
     similarity = args.similarity
     if similarity == "captions" and refs is None:
         print(f"GEG groups by image cosine: no --refs-column {args.refs_column!r} for Zhang et al.'s Eq. 2")
@@ -607,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train" and args.help:
         if "--config" not in rest:
             _print_train_help(parser)
-            return 0
+            raise SystemExit(0)
         rest.append("--help")
     if rest and args.command not in ("train", "eval"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

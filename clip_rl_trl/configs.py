@@ -86,7 +86,7 @@ class DataConfig:
     max_train_images: int | None = field(default=None, metadata={"help": "first N training images (null: all)"})
     max_eval_images: int | None = field(default=None, metadata={"help": "first N evaluation images (null: all)"})
     max_test_images: int | None = field(default=None, metadata={"help": "first N test images (null: all)"})
-    dataset_image_column: str = field(default="image", metadata={"help": "image column of a Hub / disk dataset"})
+    dataset_image_column: str | None = field(default="image", metadata={"help": "image column of a Hub / disk dataset"})
     dataset_captions_column: str = field(default="captions", metadata={"help": "its reference captions column"})
     dataset_id_column: str | None = field(default="image_id", metadata={"help": "its image id column"})
     world_seed: int = field(default=0, metadata={"help": "seed of the shapes world (scenes, judge, captioner)"})

@@ -87,8 +87,8 @@ def check_recipe(recipe: Recipe) -> tuple[DataSource, CaptionerFamily]:
         raise ConfigError("clip_model: required (an open_clip architecture, e.g. ViT-B-32-quickgelu)")
     if recipe.captioner.model_name_or_path is None and not (fam.from_scratch and source.name == "shapes"):
         raise ConfigError(
-            f"model_name_or_path: required (a saved model folder or a Hub name); only a {sorted(['clipcap'])} "
-            f"captioner is built from scratch, on the shapes world (--toy); captioner_family is {fam.name}"
+            f"model_name_or_path: required (a saved model folder or a Hub name); captioner_family {fam.name} is "
+            "not built from scratch, which only a ClipCap on the shapes world (--toy) is"
         )
     if recipe.captioner.caption_prompt is not None and not fam.reads_pixels:
         raise ConfigError(f"caption_prompt: {fam.name} captions have no text prompt (BLIP and VLM only)")
@@ -189,12 +189,15 @@ def prepare(recipe: Recipe, progress: bool = True, adapter: str | None = None) -
     """Data, judge, image-embedding cache, captioner and its policy (``adapter``: a saved LoRA adapter)."""
     source, fam = check_recipe(recipe)
     data, args = recipe.data, recipe.training
-    with _main_first():
-        splits = {
-            "train": load_split(data, data.dataset_train_split, data.max_train_images),
-            "eval": load_split(data, data.dataset_eval_split, data.max_eval_images),
-            "test": load_split(data, data.test_split, data.max_test_images),
-        }
+    try:
+        with _main_first():
+            splits = {
+                "train": load_split(data, data.dataset_train_split, data.max_train_images),
+                "eval": load_split(data, data.dataset_eval_split, data.max_eval_images),
+                "test": load_split(data, data.test_split, data.max_test_images),
+            }
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     parts: dict[str, Any] = dict(splits)
     with _main_first():
         parts["scorer"] = _load_judge(recipe, source, progress)
@@ -228,6 +231,7 @@ def build_trainer(recipe: Recipe, progress: bool = True, run: Run | None = None)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     args.disable_tqdm = args.disable_tqdm or not progress
+    run.family.adjust_training(args, recipe.captioner)
     try:
         trainer = CaptionRLTrainer(
             model=run.model,

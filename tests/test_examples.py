@@ -29,16 +29,9 @@ REPORT_KEYS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_toy_run_writes_the_report(name: str, tmp_path) -> None:
+    config = [] if name == "shapes_demo" else ["--config", str(ROOT / "examples" / "configs" / f"{name}.yaml")]
     done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / f"{name}.py"),
-            "--config",
-            str(ROOT / "examples" / "configs" / f"{name}.yaml"),
-            "--toy",
-            "--output-dir",
-            str(tmp_path),
-        ],
+        [sys.executable, str(ROOT / "examples" / f"{name}.py"), *config, "--toy", "--output_dir", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -49,12 +42,34 @@ def test_toy_run_writes_the_report(name: str, tmp_path) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     for side in ("before", "after"):
         assert REPORT_KEYS <= set(report[side]), sorted(report[side])
-    assert report["recipe"]["data"]["source"] == "shapes" and report["steps"] > 0
+    assert report["recipe"]["data"]["dataset_name"] == "shapes" and report["steps"] > 0
     lines = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
-    assert len(lines) == report["recipe"]["data"]["n_test"]
+    assert len(lines) == report["recipe"]["data"]["max_test_images"]
     assert all({"image_id", "before", "after"} <= set(line) for line in lines)
     card = (tmp_path / "README.md").read_text()
     assert "library_name: clip-rl-trl" in card and "p_at_1_100" in card
-    for reward in report["recipe"]["rewards"]:
-        assert reward["name"] in card
+    for reward in report["recipe"]["rewards"]["reward_funcs"]:
+        assert reward in card
     assert (tmp_path / "config.json").is_file() and (tmp_path / "training.png").is_file()
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_report(tmp_path) -> None:
+    """README's first command, as a user runs it: ``clip-rl-trl demo --quick`` (the console script's module)."""
+    from PIL import Image
+
+    done = subprocess.run(
+        [sys.executable, "-m", "clip_rl_trl.cli", "demo", "--quick", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "p_at_1_100" in done.stdout and "report written to" in done.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert REPORT_KEYS <= set(report["before"]) and REPORT_KEYS <= set(report["after"])
+    assert len((tmp_path / "captions.jsonl").read_text().splitlines()) == 100  # the recipe's toy: 100 test scenes
+    assert "| before |" in (tmp_path / "report.md").read_text()
+    for name in ("training.png", "captions.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.width > 200 and image.height > 200
+    # The quick run is short, but the recipe moves the captioner: distinctiveness rises.
+    assert report["after"]["p_at_1_100"] > report["before"]["p_at_1_100"]

@@ -30,13 +30,13 @@ from clip_rl_trl import (
 )
 from clip_rl_trl.data import ShapesLanguage
 from clip_rl_trl.models.clipcap import tokenize_captions
+from clip_rl_trl.models.families import policy_for
 from clip_rl_trl.models.policies import (
     BlipPolicy,
     CausalLMPolicy,
     CausalVLMPolicy,
     ClipCapPolicy,
     completion_mask,
-    policy_for,
 )
 
 BLIP_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # BLIP's BERT specials, [DEC] = BOS

@@ -164,7 +164,7 @@ def load_hub_captions(
     name_or_path: str | os.PathLike,
     split: str,
     *,
-    image_column: str = "image",
+    image_column: str | None = "image",
     captions_column: str | None = "captions",
     id_column: str | None = "image_id",
     **load_kwargs: Any,
@@ -178,7 +178,8 @@ def load_hub_captions(
             ``datasets.load_from_disk``; a saved single ``Dataset`` has no splits and is returned whole).
         split: the split to load, e.g. ``"test"``; slices such as ``"train[:1000]"`` work except for
             ``save_to_disk`` folders.
-        image_column: the dataset's image column (a ``datasets.Image()`` feature or paths), renamed ``image``.
+        image_column: the dataset's image column (a ``datasets.Image()`` feature or paths), renamed ``image``;
+            ``None`` when only ids and references are needed (``clip-rl-trl neighbors``).
         captions_column: the dataset's reference captions, renamed ``captions``: a list of strings per row, or
             one string per row (wrapped into a one-caption list, which rewrites the dataset once); ``None``
             for images without references (``clip-rl-trl embed``).
@@ -196,7 +197,7 @@ def load_hub_captions(
     """
     dataset = _load(name_or_path, split, load_kwargs)
     columns = list(dataset.column_names)
-    wanted = {"image_column": image_column}
+    wanted = {"image_column": image_column} if image_column is not None else {}
     if captions_column is not None:
         wanted["captions_column"] = captions_column
     if id_column is not None:
@@ -214,7 +215,7 @@ def load_hub_captions(
             "id_column=None would number the rows into 'image_id', but the dataset already has an "
             "'image_id' column: pass id_column='image_id'"
         )
-    renames = {image_column: "image"}
+    renames = {image_column: "image"} if image_column is not None else {}
     if captions_column is not None:
         renames[captions_column] = "captions"
     if id_column is not None:

@@ -9,7 +9,6 @@ whose :meth:`DataSource.claims` accepts ``dataset_name``. A new source is one cl
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -41,7 +40,8 @@ class DataSource:
     #: save the image embeddings to a file by default (reused on resume); False: cheap to embed, kept in memory
     persist_embeddings: bool = True
 
-    def claims(self, dataset_name: str) -> bool:
+    def claims(self, config: DataConfig) -> bool:
+        """Whether ``config.dataset_name`` is this source's (asked when ``dataset_source`` is not given)."""
         raise NotImplementedError
 
     def load(self, config: DataConfig, split: str, limit: int | None, captions: bool = True) -> datasets.Dataset:
@@ -75,7 +75,7 @@ class HubSource(DataSource):
     """A Hub dataset name, a ``save_to_disk`` folder, or one local parquet / json / csv / arrow file
     (:func:`~clip_rl_trl.data.coco.load_hub_captions`); columns renamed by ``dataset_*_column``."""
 
-    def claims(self, dataset_name: str) -> bool:
+    def claims(self, config: DataConfig) -> bool:
         return True
 
     def load(self, config: DataConfig, split: str, limit: int | None, captions: bool = True) -> datasets.Dataset:
@@ -94,8 +94,9 @@ class HubSource(DataSource):
 class KarpathySource(DataSource):
     """A Karpathy-split JSON file (``dataset_coco.json``, Flickr8k/30k) and its ``image_root``."""
 
-    def claims(self, dataset_name: str) -> bool:
-        return dataset_name.endswith(".json") and Path(dataset_name).is_file()
+    def claims(self, config: DataConfig) -> bool:
+        # A .json file with an image folder: one JSON caption file without images is the hub source's.
+        return str(config.dataset_name).endswith(".json") and config.image_root is not None
 
     def load(self, config: DataConfig, split: str, limit: int | None, captions: bool = True) -> datasets.Dataset:
         from clip_rl_trl.data.coco import load_karpathy
@@ -115,8 +116,8 @@ class ShapesSource(DataSource):
     # A few seconds to embed, and a file would outlive a change of world_seed (same ids, other scenes).
     persist_embeddings = False
 
-    def claims(self, dataset_name: str) -> bool:
-        return dataset_name == "shapes"
+    def claims(self, config: DataConfig) -> bool:
+        return config.dataset_name == "shapes"
 
     def load(self, config: DataConfig, split: str, limit: int | None, captions: bool = True) -> datasets.Dataset:
         from clip_rl_trl.data.shapes import ShapesWorld
@@ -154,7 +155,7 @@ def data_source(config: DataConfig) -> DataSource:
         if config.dataset_source not in SOURCES:
             raise ValueError(f"dataset_source: {config.dataset_source!r}; registered sources: {sorted(SOURCES)}")
         return SOURCES[config.dataset_source]
-    return next(s for s in reversed(SOURCES.values()) if s.claims(str(config.dataset_name)))
+    return next(s for s in reversed(SOURCES.values()) if s.claims(config))
 
 
 def load_split(config: DataConfig, split: str, limit: int | None = None, captions: bool = True) -> datasets.Dataset:

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_rl_trl import neighbors
 from clip_rl_trl.evaluation.evaluate import evaluate_captions
 from clip_rl_trl.models.policies import CaptionPolicy, caption_rows
-from clip_rl_trl.neighbors import groups_within_split
 
 __all__ = ["GEG_K", "evaluate_policy"]
 
@@ -77,7 +77,7 @@ def evaluate_policy(
     memo = groups_memo if groups_memo is not None else {}
     if key not in memo:
         memo[key] = (
-            groups_within_split(F.normalize(image_emb, dim=-1), GEG_K, similarity=kind, scorer=scorer, refs=refs)
+            neighbors.groups_within_split(F.normalize(image_emb, dim=-1), GEG_K, similarity=kind, scorer=scorer, refs=refs)
             if len(ids) > GEG_K
             else None
         )

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from clip_rl_trl.embeddings import ImageEmbeddingCache
+from clip_rl_trl.models.clipcap import GPT2_LORA_TARGETS
 from clip_rl_trl.models.policies import (
     BlipPolicy,
     CaptionPolicy,
@@ -102,6 +103,9 @@ class CaptionerFamily:
     def check_judge(self, model: nn.Module, scorer: Any) -> None:
         """Refuse a captioner that cannot read this judge's embeddings (ClipCap's prefix)."""
 
+    def adjust_training(self, args: Any, config: Any) -> None:
+        """Training settings the family cannot work with, changed before the trainer is built."""
+
 
 @register_family("clipcap")
 class ClipCapFamily(CaptionerFamily):
@@ -110,6 +114,7 @@ class ClipCapFamily(CaptionerFamily):
 
     reads_pixels = False
     from_scratch = True
+    lora_targets = GPT2_LORA_TARGETS  # every GPT-2 block's attention and MLP projections
 
     def matches(self, model: nn.Module) -> bool:
         from clip_rl_trl.models.clipcap import ClipCapModel
@@ -137,12 +142,13 @@ class ClipCapFamily(CaptionerFamily):
         return ClipCapPolicy(cache, id_column, processing_class)
 
     def peft_config(self, config: Any) -> Any:
-        if not config.use_peft or config.lora_target_modules:
-            return super().peft_config(config)
-        from clip_rl_trl.models.clipcap import clipcap_lora_config
-
-        return clipcap_lora_config(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                   use_rslora=config.use_rslora, use_dora=config.use_dora)
+        if not config.use_peft:
+            return None
+        # The mapper is trained in full alongside the adapters; GPT-2's projections are Conv1D (fan_in_fan_out).
+        peft = super().peft_config(dataclasses.replace(
+            config, lora_modules_to_save=config.lora_modules_to_save or ["mapper"]))
+        peft.fan_in_fan_out = True
+        return peft
 
     def check_judge(self, model: nn.Module, scorer: Any) -> None:
         dim = unwrap_peft(model).config.prefix_dim
@@ -179,6 +185,12 @@ class BlipFamily(CaptionerFamily):
             return BlipPolicy(processing_class.tokenizer, config, processing_class.image_processor, image_column,
                               prompt=prompt)
         return BlipPolicy(processing_class, config, image_column=image_column, prompt=prompt)
+
+    def adjust_training(self, args: Any, config: Any) -> None:
+        if config.use_peft:
+            # With PEFT, gradient checkpointing makes the input embeddings a leaf that requires grad, and BLIP's
+            # vision embeddings add their position embeddings in place: the backward pass fails.
+            args.gradient_checkpointing = False
 
     def trainer_processing_class(self, processing_class: Any) -> Any:
         # GRPOTrainer reads `config.image_token_id` for any processor and BLIP's config has none.

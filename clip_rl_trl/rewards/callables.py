@@ -108,8 +108,9 @@ class ClipReward(ABC):
 
     __name__ = "clip_reward"
     prompt = ""  # text prepended to each completion before encoding (CLIP-S only)
-    #: constructor parameters the pipeline supplies; every other one is a recipe option
-    injected: tuple[str, ...] = ("scorer", "cache", "id_column")
+    #: constructor parameters the pipeline supplies (groups from ``hard_negatives`` / ``k``, the references
+    #: column from the run); every other one is a recipe option
+    injected: tuple[str, ...] = ("scorer", "cache", "id_column", "groups", "refs_column")
 
     def __init__(self, scorer: ClipScorer, cache: ImageEmbeddingCache, id_column: str = "image_id") -> None:
         self.scorer = scorer
@@ -383,7 +384,7 @@ class DiscriminatorReward(ClipReward):
         self.update = update
         self.last_stats: dict[str, float] = {}
 
-    injected = ("scorer", "cache", "id_column", "embed_dim")
+    injected = ("scorer", "cache", "id_column", "refs_column", "embed_dim")
     option_sources = (Discriminator.__init__,)
 
     @classmethod
