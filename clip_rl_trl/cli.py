@@ -218,49 +218,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     _train(args.recipe_args)
 
 
-def _read_captions(path: str, column: str) -> dict[str, tuple[Any, str]]:
-    """``str(image_id) -> (image_id, caption)`` from JSON lines, a JSON list or an ``{id: caption}`` map."""
-    file = Path(path)
-    if not file.is_file():
-        raise CliError(f"--captions {path}: no such file")
-    text = file.read_text("utf-8")
-    try:
-        if file.suffix == ".jsonl":
-            records = [
-                (f"line {n}", json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()
-            ]
-        elif file.suffix == ".json":
-            data = json.loads(text)
-            if isinstance(data, dict):
-                data = [{"image_id": k, column: v} for k, v in data.items()]
-            if not isinstance(data, list):
-                raise CliError(
-                    f"--captions {path}: expected a list of {{image_id, {column}}} records or an id: caption "
-                    "map"
-                )
-            records = [(f"record {n}", r) for n, r in enumerate(data)]
-        else:
-            raise CliError(f"--captions {path}: expected a .jsonl or .json file")
-    except json.JSONDecodeError as err:
-        raise CliError(f"--captions {path}: not valid JSON ({err})") from err
-    captions: dict[str, tuple[Any, str]] = {}
-    for where, record in records:
-        if not isinstance(record, dict) or "image_id" not in record or column not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise CliError(
-                f"--captions {path} {where}: needs 'image_id' and '{column}' (--column), has {keys}"
-            )
-        if not isinstance(record[column], str):
-            raise CliError(f"--captions {path} {where}: '{column}' is not a string")
-        key = str(record["image_id"])
-        if key in captions:
-            raise CliError(f"--captions {path} {where}: image_id {record['image_id']!r} appears twice")
-        captions[key] = (record["image_id"], record[column])
-    if not captions:
-        raise CliError(f"--captions {path}: no captions")
-    return captions
-
-
 def _shapes_size(ids: Sequence[Any], split: str) -> int:
     """How many scenes of ``split`` cover the shapes-world ids (``"test-000123"``)."""
     indices = []
@@ -276,10 +233,14 @@ def _shapes_size(ids: Sequence[Any], split: str) -> int:
 
 def _evaluate_file(args: argparse.Namespace) -> None:
     from clip_rl_trl.embeddings import ImageEmbeddingCache
+    from clip_rl_trl.evaluation.captions_file import read_captions
     from clip_rl_trl.evaluation.evaluate import evaluate_captions
     from clip_rl_trl.neighbors import groups_within_split
 
-    captions = _read_captions(args.captions, args.column)
+    try:
+        captions = read_captions(args.captions, args.column)
+    except ValueError as err:
+        raise CliError(f"--captions: {err} (--column {args.column})") from err
     shapes = args.dataset == "shapes"
     n = args.shapes_n or (_shapes_size([i for i, _ in captions.values()], args.split) if shapes else None)
     has_refs = True

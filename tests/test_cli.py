@@ -309,7 +309,7 @@ def test_eval_errors_name_the_flag(shapes_dir, tmp_path, capsys) -> None:
     captions.write_text(json.dumps({"image_id": "test-000000", "before": "a circle"}) + "\n")
     base = ["eval", "--captions", str(captions), "--dataset", str(shapes_dir / "scenes"), "--clip", TINY_CLIP]
     assert main(base) == 2
-    assert "needs 'image_id' and 'caption' (--column)" in capsys.readouterr().err
+    assert "needs 'image_id' and 'caption' (column)" in capsys.readouterr().err
     captions.write_text(json.dumps({"image_id": "val-000042", "caption": "a circle"}) + "\n")
     assert main(base) == 2
     assert "1 image id(s) are not in --dataset" in capsys.readouterr().err

@@ -64,6 +64,24 @@ REWARD_PAPERS = {
 BASELINE_PAPERS = {"greedy": "rennie2017", "running_mean": "dessi2023"}
 
 
+# The CaptionRLConfig fields a model card reports, besides the steps taken and the KL coefficient.
+CARD_SETTINGS = ("baseline", "gt_loss_weight", "gt_weighting", "train_decoding", "num_generations", "learning_rate",
+                 "loss_type")
+
+
+def captioner_details(base: Any, trained: Any) -> dict[str, Any]:
+    """Class, ClipCap's prefix settings, parameter counts of the captioner ``base`` (``trained``: as trained,
+    e.g. inside PEFT, for the trainable count)."""
+    details: dict[str, Any] = {"class": type(base).__name__}
+    config = getattr(base, "config", None)
+    for key in ("prefix_dim", "prefix_length", "mapper_type"):
+        if hasattr(config, key):
+            details[key] = getattr(config, key)
+    details["parameters"] = sum(p.numel() for p in base.parameters())
+    details["trainable parameters"] = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    return details
+
+
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -39,7 +39,7 @@ from clip_rl_trl.models.families import policy_for
 from clip_rl_trl.models.policies import CaptionPolicy, completion_mask, unwrap_peft
 from clip_rl_trl.rewards.callables import DiscriminatorReward
 from clip_rl_trl.trainer.config import CaptionRLConfig
-from clip_rl_trl.trainer.model_card import model_card_text
+from clip_rl_trl.trainer.model_card import CARD_SETTINGS, captioner_details, model_card_text
 
 STATE_FILE = "caption_rl_state.json"
 _WORLD_METRICS = ("grammar_valid", "attribute_precision", "attribute_recall")
@@ -581,30 +581,14 @@ class CaptionRLTrainer(GRPOTrainer):
         if not self.is_world_process_zero():
             return
         base = unwrap_peft(self.accelerator.unwrap_model(self.model))
-        details: dict[str, Any] = {"class": type(base).__name__}
-        config = getattr(base, "config", None)
-        for key in ("prefix_dim", "prefix_length", "mapper_type"):
-            if hasattr(config, key):
-                details[key] = getattr(config, key)
-        details["parameters"] = sum(p.numel() for p in base.parameters())
-        details["trainable parameters"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         args = self.args
-        settings = {
-            "baseline": args.baseline,
-            "gt_loss_weight": args.gt_loss_weight,
-            "gt_weighting": args.gt_weighting,
-            "train_decoding": args.train_decoding,
-            "num_generations": args.num_generations,
-            "learning_rate": args.learning_rate,
-            "steps": self.state.global_step,
-            "loss_type": args.loss_type,
-            "beta (KL)": self.beta,
-        }
+        settings = {k: getattr(args, k) for k in CARD_SETTINGS}
+        settings.update({"steps": self.state.global_step, "beta (KL)": self.beta})
         tag_list = [tags] if isinstance(tags, str) else list(tags or [])
         text = model_card_text(
             model_name=model_name or os.path.basename(os.path.normpath(args.output_dir)),
             captioner=type(base).__name__,
-            captioner_details=details,
+            captioner_details=captioner_details(base, self.model),
             rewards=list(zip(self.reward_func_names, self.reward_weights.tolist(), strict=True)),
             settings=settings,
             metrics=self.last_eval_metrics,
