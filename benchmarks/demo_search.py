@@ -1,50 +1,109 @@
 """Search the balance of the demo's regularisers and record the distinctiveness / fluency trade-off.
 
-Each point is one fine-tuning run of ``clip_rl_trl.demo`` (Chaffin et al.'s recipe on the shapes world) with some
-``DemoConfig`` fields changed; it reports metrics of the validation scenes before and after (settings are
-chosen on them, never on the test scenes; results recorded before 2026-12 used the test scenes). Points run as separate
-processes (``--jobs`` at a time, ``--threads`` torch threads each); the MLE captioner and tiny CLIP are prepared
-once first, so every point starts from the same cached captioner.
+Each point is one fine-tuning run of the packaged ``shapes_demo`` recipe (``clip-rl-trl demo``: Chaffin et al.'s
+recipe on the shapes world) with some recipe fields changed, as ``clip-rl-trl train --config shapes_demo --field
+value`` would; it reports metrics of the validation scenes before and after (beam search, ``eval_num_beams``;
+settings are chosen on them, never on the test scenes; results recorded before 2026-12 used the test scenes).
+As in the long-training study the trainer neither evaluates, saves checkpoints nor reloads the best one: "after"
+is the last step, and the curve is greedy P@1, grammar validity and attribute precision of the test scenes every
+``eval_steps`` steps. Points run as separate processes (``--jobs`` at a time, ``--threads`` torch threads
+each); the MLE captioner and tiny CLIP are prepared once first, so every point starts from the same cached
+captioner.
 
     python benchmarks/demo_search.py --grid grid.json --jobs 8 --threads 2 --output search.jsonl \
         --plot docs/img/demo_tradeoff.png
 
-``grid.json`` is a list of ``{"name": ..., "changes": {DemoConfig field: value}}``.
+``grid.json`` is a list of ``{"name": ..., "changes": {recipe field: value}}``, e.g. ``{"name": "lr1e-4-s60",
+"changes": {"learning_rate": 1e-4, "max_steps": 60}}``. Results recorded before the recipes (the first four
+lines of ``demo_search_results.jsonl``) name ``DemoConfig`` fields: ``steps`` is now ``max_steps``,
+``eval_every`` ``eval_steps``, ``bidirectional_weight`` / ``discriminator_weight`` the two ``reward_weights``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 KEYS = ("p_at_1_100", "recall_at_1", "grammar_valid", "attribute_precision", "attribute_recall", "distinct_2",
         "clip_s")
+CURVE_KEYS = ("p_at_1_100", "grammar_valid", "attribute_precision")
+BASE_RECIPE = "shapes_demo"
+# What every point changes in the packaged recipe (as the long-training study does): no trainer evaluations,
+# checkpoints or best-model loading, float32 on a GPU too.
+STUDY: dict[str, Any] = {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False, "bf16": False}
+# DemoConfig fields (before the recipes) -> the recipe field that replaced them.
+RENAMED = {
+    "steps": "max_steps", "eval_every": "eval_steps", "n_train": "max_train_images", "n_val": "max_eval_images",
+    "n_test": "max_test_images", "max_tokens": "max_completion_length", "gpt_layers": "mle_layers",
+    "gpt_width": "mle_width", "gpt_heads": "mle_heads", "prefix_length": "mle_prefix_length",
+    "mle_lr": "mle_learning_rate", "images_per_step": "per_device_train_batch_size (images x num_generations)",
+    "bidirectional_weight": "reward_weights", "discriminator_weight": "reward_weights",
+    "discriminator_lr": "reward_kwargs (discriminator: {lr: ...})",
+}
+
+
+def recipe_args(fields: Mapping[str, Any]) -> list[str]:
+    """``{field: value}`` -> ``["--field", "value", ...]``, the command-line overrides of a recipe."""
+    argv: list[str] = []
+    for key, value in fields.items():
+        argv.append(f"--{key}")
+        if isinstance(value, (list, tuple)):
+            argv += [str(v) for v in value]
+        elif isinstance(value, Mapping):
+            argv.append(json.dumps(value))
+        elif isinstance(value, bool):
+            argv.append(str(value).lower())
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def point_recipe(name: str, changes: dict, **extra: Any) -> Any:
+    from clip_rl_trl.configs import parse_recipe
+
+    fields = {**STUDY, "output_dir": str(Path("/tmp") / f"demo_search_{name}"), **changes, **extra}
+    return parse_recipe(["--config", BASE_RECIPE, *recipe_args(fields)])
 
 
 def run_point(name: str, changes: dict, threads: int) -> dict:
     """One fine-tuning run in this process: before/after metrics, the test curve, sample captions, seconds."""
     import torch
+    from transformers import TrainerCallback
 
-    from clip_rl_trl.demo import DemoConfig, evaluate_test, fine_tune, prepare
+    from clip_rl_trl.pipeline import build_trainer, evaluate, prepare
 
     torch.set_num_threads(threads)
-    config = DemoConfig().replace(**changes)
+    recipe = point_recipe(name, changes)
     start = time.perf_counter()
-    prepared = prepare(config, progress=False)
-    before, _ = evaluate_test(prepared, prepared.captioner, config, full=False, split="val")
-    trainer = fine_tune(prepared, config, Path("/tmp") / f"demo_search_{name}", progress=False)
-    after, captions = evaluate_test(prepared, trainer.model, config, full=False, split="val")
-    curve = [
-        {k: v for k, v in entry.items() if k == "step" or k.startswith("eval/")}
-        for entry in trainer.state.log_history
-        if "eval/p_at_1_100" in entry
-    ]
+    run = prepare(recipe, progress=False)
+    before, _, _ = evaluate(run, run.model, run.eval, coco_metrics=False)
+    # The curve's greedy captions: the same run, evaluated with one beam.
+    greedy = point_recipe(name, changes, eval_num_beams=1)
+    greedy_run = dataclasses.replace(run, recipe=greedy)
+    every, steps = recipe.training.eval_steps, recipe.training.max_steps
+    curve: list[dict[str, Any]] = []
+
+    class TestCurve(TrainerCallback):
+        """Greedy captions of the test scenes every ``eval_steps`` steps: the P@1 curve."""
+
+        def on_step_end(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step % every == 0 or state.global_step == steps:
+                metrics, _, _ = evaluate(greedy_run, kwargs["model"], coco_metrics=False)
+                curve.append({**{f"eval/{k}": metrics[k] for k in CURVE_KEYS}, "step": state.global_step})
+
+    trainer, run = build_trainer(recipe, progress=False, run=run)
+    trainer.add_callback(TestCurve())
+    trainer.train()
+    after, captions, _ = evaluate(run, trainer.model, run.eval, coco_metrics=False)
     return {
         "name": name,
         "changes": changes,
@@ -72,9 +131,14 @@ def main() -> None:
     if args.grid is None:
         parser.error("--grid is required")
     grid = json.loads(args.grid.read_text())
-    from clip_rl_trl.demo import DemoConfig, prepare
+    old = sorted({key for point in grid for key in point["changes"] if key in RENAMED})
+    if old:
+        parser.error("--grid changes DemoConfig fields, now recipe fields: "
+                     + "; ".join(f"{key} -> {RENAMED[key]}" for key in old))
+    from clip_rl_trl.configs import parse_recipe
+    from clip_rl_trl.pipeline import prepare
 
-    prepare(DemoConfig(), progress=True)  # train and cache the shared MLE captioner once
+    prepare(parse_recipe(["--config", BASE_RECIPE]), progress=True)  # train and cache the shared MLE captioner once
 
     def launch(point: dict) -> dict | None:
         proc = subprocess.run(
@@ -98,7 +162,7 @@ def main() -> None:
         for result in results:
             f.write(json.dumps(result) + "\n")
     if args.plot is not None and results:
-        from clip_rl_trl.evaluation.report import plot_tradeoff
+        from clip_rl_trl.evaluation import plot_tradeoff
 
         points = [{"name": r["name"], **r["after"]} for r in results]
         points.append({"name": "MLE", **results[0]["before"]})

@@ -1,11 +1,16 @@
 """Long-training study: does regularised RL stay fluent, faithful and distinctive? Curves over 200+ steps.
 
-Every recipe fine-tunes the demo's MLE-trained tiny ClipCap (``clip_rl_trl.demo``) at the demo's batch (32
-images x 4 samples, or 128 images x 1 sample for the single-sample recipes), learning rate and baseline, and is
-evaluated every ``--eval-every`` steps with greedy captions of two held-out splits of the shapes world:
+Every recipe is the packaged ``shapes_demo`` recipe (``clip_rl_trl/recipes/shapes_demo.yaml``: the MLE-trained
+tiny ClipCap of ``clip-rl-trl demo``, its batch of 128 sampled captions per step, learning rate and baseline) with
+some fields overridden, as ``clip-rl-trl train --config shapes_demo --field value ...`` would; each is trained by
+``pipeline.build_trainer`` and evaluated every ``--eval-every`` steps with greedy captions of two held-out splits
+of the shapes world:
 
-- ``val`` (200 scenes): where checkpoints and settings are selected;
+- ``val`` (200 scenes, the recipe's evaluation split): where checkpoints and settings are selected;
 - ``test`` (200 scenes, the demo's): what is reported.
+
+The trainer's own periodic evaluation, checkpointing and best-model loading are switched off (``STUDY``): the
+curve callback evaluates instead, and the last step is the result.
 
 Metrics per evaluation (``evaluate_captions``' names): ``p_at_1_100``, ``recall_at_1``, ``grammar_valid``,
 ``attribute_precision``, ``attribute_recall``, ``distinct_2``, plus ``mean_length`` (words) and ``cider_d``
@@ -14,7 +19,8 @@ Metrics per evaluation (``evaluate_captions``' names): ``p_at_1_100``, ``recall_
 Rows (Chaffin et al.'s weights 0.94 / 0.06; Cho et al.'s CLIP-S + 2 grammar; Zhang et al.'s 0.1 CIDEr-D + 10
 GEG over K = 5 Eq. 2 groups of *training* scenes; DiscriTune's retrieval reward with running-mean baseline and
 greedy training decoding). ``GT`` is Chaffin et al.'s ground-truth term with the weighting in brackets; rows
-marked ``sweep`` run the first seed only.
+marked ``sweep`` run the first seed only. The seed of a run is the RL seed (sampling, the discriminator's and the
+grammar head's initialisation); the world, the judge and the MLE captioner are shared, prepared once per process.
 
 Each evaluation is appended to ``--output`` (JSON lines) as soon as it is made: ``{"recipe", "seed", "step",
 "run", <test metrics>, "val": {<val metrics>}, "seconds"}``. A rerun skips every (recipe, seed) whose last step
@@ -33,14 +39,16 @@ at grammar >= 0.95, per recipe) and ``long_training_curves.png`` and ``long_trai
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
 import os
 import platform
+import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,90 +59,80 @@ METRICS = ("p_at_1_100", "recall_at_1", "grammar_valid", "attribute_precision", 
 FLUENT = 0.95  # grammar validity a checkpoint needs to be selected ("best fluent checkpoint")
 DEGENERATE = 0.9  # grammar validity below which a run counts as degenerated
 
-Rewards = list[tuple[Any, float]]
+BASE_RECIPE = "shapes_demo"
+# What every run changes in the packaged recipe: the curve callback evaluates (greedy), the trainer neither
+# evaluates, saves checkpoints nor reloads the best one (the last step is the result), and trains in float32 on a
+# GPU too.
+STUDY: dict[str, Any] = {
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "load_best_model_at_end": False,
+    "eval_num_beams": 1,
+    "bf16": False,
+}
+
+
+def recipe_args(fields: Mapping[str, Any]) -> list[str]:
+    """``{field: value}`` -> ``["--field", "value", ...]``, the command-line overrides of a recipe."""
+    argv: list[str] = []
+    for key, value in fields.items():
+        argv.append(f"--{key}")
+        if isinstance(value, (list, tuple)):
+            argv += [str(v) for v in value]
+        elif isinstance(value, Mapping):
+            argv.append(json.dumps(value))
+        elif isinstance(value, bool):
+            argv.append(str(value).lower())
+        else:
+            argv.append(str(value))
+    return argv
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    rewards: Callable[[Any, Any, int], Rewards]  # (prepared world, DemoConfig, seed) -> (reward, weight) pairs
-    overrides: dict[str, Any]  # CaptionRLConfig fields
+    rewards: dict[str, float]  # registry name -> weight, in the order the rewards are summed and logged
+    overrides: dict[str, Any]  # CaptionRLConfig fields (recorded with every evaluation)
+    options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # reward_kwargs, by reward name
     sweep: bool = False  # one seed only
 
+    def reward_kwargs(self, seed: int) -> dict[str, dict[str, Any]]:
+        """The rewards' options for ``seed``: the recipe's bidirectional temperature, the discriminator's lr and
+        the grammar head's training seeded by the run's seed, and the row's own options."""
+        defaults = {"bidirectional": {"temperature": 0.01}, "discriminator": {"lr": 1e-3, "seed": seed},
+                    "grammar": {"seed": seed}}
+        return {name: {**defaults.get(name, {}), **self.options.get(name, {})} for name in self.rewards
+                if name in defaults or name in self.options}
 
-def _cider(p: Any, weight: float = 1.0) -> Rewards:
-    from clip_rl_trl.rewards.callables import CiderReward
-    from clip_rl_trl.rewards.cider import CiderD
-
-    return [(CiderReward(CiderD(p.train["captions"])), weight)]
-
-
-def _geg(p: Any, weight: float = 1.0) -> Rewards:
-    """GEG against Zhang et al.'s Eq. 2 groups (K = 5) built among the training scenes only."""
-    from clip_rl_trl.neighbors import groups_within_split
-    from clip_rl_trl.rewards.callables import GroupGapReward
-
-    ids = p.train["image_id"]
-    groups = groups_within_split(p.cache[ids].float(), 5, scorer=p.scorer, refs=p.train["captions"])
-    by_id = {ids[i]: [ids[j] for j in row] for i, row in enumerate(groups.tolist())}
-    return [(GroupGapReward(p.scorer, p.cache, by_id), weight)]
+    def recipe(self, seed: int) -> dict[str, Any]:
+        """This row's fields of the recipe for ``seed`` (besides the study's and the run's)."""
+        return {"reward_funcs": list(self.rewards), "reward_weights": list(self.rewards.values()),
+                "reward_kwargs": self.reward_kwargs(seed), **self.overrides}
 
 
-def _clip_s(p: Any, c: Any, seed: int) -> Rewards:
-    from clip_rl_trl.rewards.callables import ClipSReward
-
-    return [(ClipSReward(p.scorer, p.cache), 1.0)]
-
-
-def _clip_s_grammar(p: Any, c: Any, seed: int) -> Rewards:
-    from clip_rl_trl.rewards.callables import ClipSReward, GrammarReward
-    from clip_rl_trl.rewards.grammar import train_grammar_head
-
-    emb = p.cache[p.train["image_id"]].float()
-    scorer, head = train_grammar_head(p.scorer, emb, p.train["captions"], seed=seed, progress=False)
-    return [(ClipSReward(scorer, p.cache), 1.0), (GrammarReward(scorer, head), 2.0)]
-
-
-def _retrieval(p: Any, c: Any, seed: int) -> Rewards:
-    from clip_rl_trl.rewards.callables import RetrievalReward
-
-    return [(RetrievalReward(p.scorer, p.cache), 1.0)]
-
-
-def _bidirectional(directions: str = "both", discriminator: bool = False) -> Callable[[Any, Any, int], Rewards]:
-    def build(p: Any, c: Any, seed: int) -> Rewards:
-        from clip_rl_trl.demo import chaffin_rewards
-        from clip_rl_trl.rewards.callables import BidirectionalReward
-
-        bidirectional = BidirectionalReward(p.scorer, p.cache, directions=directions)
-        if not discriminator:
-            return [(bidirectional, 1.0)]
-        _, disc = chaffin_rewards(p, c.replace(seed=seed))
-        return [(bidirectional, c.bidirectional_weight), disc]
-
-    return build
-
-
+CHAFFIN = {"bidirectional": 0.94, "discriminator": 0.06}
+# Zhang et al.'s similar-image groups: K = 5 training scenes by their Eq. 2 (through the references).
+GEG = {"group_gap": {"k": 5, "similarity": "captions"}}
 # Only Chaffin et al.'s rows train on the references: every other row switches the demo's ground-truth term off.
 NO_GT = {"gt_loss_weight": 0.0}
 SCST = {"baseline": "greedy", "num_generations": 1, **NO_GT}
 # The rows that decide the defaults come first, so a partial study already answers the main question.
 ROWS: dict[str, Row] = {
-    "full": Row(_bidirectional(discriminator=True), {}),
-    "bidirectional alone": Row(_bidirectional(), NO_GT),
-    "bidirectional + discriminator": Row(_bidirectional(discriminator=True), NO_GT),
-    "bidirectional + GT (reward)": Row(_bidirectional(), {"gt_weighting": "reward"}),
-    "CLIP-S": Row(_clip_s, SCST),
-    "CLIP-S + grammar": Row(_clip_s_grammar, SCST),
-    "GEG-sole": Row(lambda p, c, s: _geg(p), SCST),
-    "GEG + CIDEr": Row(lambda p, c, s: _cider(p, 0.1) + _geg(p, 10.0), SCST),
-    "SCST-CIDEr": Row(lambda p, c, s: _cider(p), SCST),
-    "DiscriTune": Row(_retrieval, {"baseline": "running_mean", "num_generations": 1, "train_decoding": "greedy",
-                                   **NO_GT}),
-    "full i2t-only": Row(_bidirectional("i2t", discriminator=True), {}),
-    "full t2i-only": Row(_bidirectional("t2i", discriminator=True), {}),
-    "full + KL": Row(_bidirectional(discriminator=True), {"beta": 0.05}),
+    "full": Row(CHAFFIN, {}),
+    "bidirectional alone": Row({"bidirectional": 1.0}, NO_GT),
+    "bidirectional + discriminator": Row(CHAFFIN, NO_GT),
+    "bidirectional + GT (reward)": Row({"bidirectional": 1.0}, {"gt_weighting": "reward"}),
+    "CLIP-S": Row({"clip_s": 1.0}, SCST),
+    "CLIP-S + grammar": Row({"clip_s": 1.0, "grammar": 2.0}, SCST),
+    "GEG-sole": Row({"group_gap": 1.0}, SCST, GEG),
+    "GEG + CIDEr": Row({"cider": 0.1, "group_gap": 10.0}, SCST, GEG),
+    "SCST-CIDEr": Row({"cider": 1.0}, SCST),
+    "DiscriTune": Row({"retrieval": 1.0}, {"baseline": "running_mean", "num_generations": 1,
+                                           "train_decoding": "greedy", **NO_GT}),
+    "full i2t-only": Row(CHAFFIN, {}, {"bidirectional": {"directions": "i2t"}}),
+    "full t2i-only": Row(CHAFFIN, {}, {"bidirectional": {"directions": "t2i"}}),
+    "full + KL": Row(CHAFFIN, {"beta": 0.05}),
     **{
-        f"bidirectional + GT ({w})": Row(_bidirectional(), {"gt_weighting": w}, sweep=True)
+        f"bidirectional + GT ({w})": Row({"bidirectional": 1.0}, {"gt_weighting": w}, sweep=True)
         for w in ("signed_reward", "advantage", "positive_advantage", "softmax", "uniform")
     },
 }
@@ -143,25 +141,35 @@ ROWS: dict[str, Row] = {
 # ---------------------------------------------------------------------------------------------------- running
 
 
-class Evaluator:
-    """Greedy captions of the val and test scenes (``demo.evaluate_test``), plus CIDEr-D and caption length."""
+def base_args(args: argparse.Namespace) -> list[str]:
+    """The recipe every run shares: ``shapes_demo`` with the study's settings and ``--demo``'s changes."""
+    return ["--config", BASE_RECIPE, *recipe_args({**STUDY, "max_eval_images": args.n_val, **args.demo})]
 
-    def __init__(self, prepared: Any, config: Any) -> None:
+
+class Evaluator:
+    """Greedy captions of the val and test scenes (``pipeline.evaluate`` with the study's ``eval_num_beams=1``),
+    plus CIDEr-D and caption length."""
+
+    def __init__(self, run: Any) -> None:
         from clip_rl_trl.rewards.cider import CiderD
 
-        self.prepared, self.config = prepared, config
-        self.refs = {"val": prepared.val["captions"], "test": prepared.test["captions"]}
+        self.run = run
+        # Only the columns the recorded metrics read (the images come from the embedding cache); CIDEr-D is
+        # computed here against the split's references, so the evaluation itself needs none.
+        self.splits = {name: split.select_columns(["image_id", "scene"])
+                       for name, split in (("val", run.eval), ("test", run.test))}
+        self.refs = {"val": run.eval["captions"], "test": run.test["captions"]}
         self.cider = {name: CiderD(refs) for name, refs in self.refs.items()}
 
     def __call__(self, model: Any) -> dict[str, dict[str, float]]:
-        from clip_rl_trl.demo import evaluate_test
+        from clip_rl_trl.pipeline import evaluate
 
         out = {}
-        for name, refs in self.refs.items():
-            m, captions = evaluate_test(self.prepared, model, self.config, full=False, num_beams=1, split=name)
+        for name, split in self.splits.items():
+            m, captions, _ = evaluate(self.run, model, split, coco_metrics=False)
             metrics = {k: float(m[k]) for k in METRICS if k in m}
             metrics["mean_length"] = sum(len(c.split()) for c in captions) / len(captions)
-            metrics["cider_d"] = float(self.cider[name].score(captions, refs).mean())
+            metrics["cider_d"] = float(self.cider[name].score(captions, self.refs[name]).mean())
             metrics["example"] = captions[0]
             out[name] = metrics
         return out
@@ -187,18 +195,22 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [r for r in records if finished.get((r["recipe"], r["seed"])) == r["run"]]
 
 
-def run_one(prepared: Any, config: Any, evaluator: Evaluator, name: str, seed: int, args: argparse.Namespace,
+def run_recipe(args: argparse.Namespace, name: str, seed: int, output_dir: Path) -> Any:
+    """The recipe of row ``name`` at ``seed``: ``shapes_demo`` + the study's settings + the row's overrides."""
+    from clip_rl_trl.configs import parse_recipe
+
+    row = ROWS[name]
+    run_fields = {"seed": seed, "max_steps": args.steps, "output_dir": str(output_dir)}
+    return parse_recipe(base_args(args) + recipe_args({**row.recipe(seed), **run_fields}))
+
+
+def run_one(base: Any, evaluator: Evaluator, name: str, seed: int, args: argparse.Namespace,
             before: dict[str, dict[str, float]]) -> None:
     from transformers import TrainerCallback
 
-    from clip_rl_trl.demo import fine_tune
+    from clip_rl_trl.pipeline import build_trainer
 
     row = ROWS[name]
-    settings = {"seed": seed, **row.overrides}
-    generations = settings.pop("num_generations", config.num_generations)
-    # Single-sample rows see as many captions per step as the group rows: G times more images.
-    images = config.images_per_step * config.num_generations // generations
-    run_config = config.replace(images_per_step=images, num_generations=generations, steps=args.steps, seed=seed)
     attempt = uuid.uuid4().hex[:12]
     start = time.perf_counter()
     where = f"{platform.node()} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
@@ -225,15 +237,23 @@ def run_one(prepared: Any, config: Any, evaluator: Evaluator, name: str, seed: i
                 record(state.global_step, evaluator(kwargs["model"]))
 
     record(0, before)
-    fine_tune(prepared, run_config, Path(f"/tmp/long_training/{name}-{seed}"), progress=False,
-                        rewards=row.rewards(prepared, run_config, seed), callbacks=[Curve()], **settings)
+    # The run's scratch folder, emptied first: a grammar head saved there by an earlier attempt would be loaded
+    # instead of trained with this run's seed.
+    output_dir = Path("/tmp/long_training") / f"{name}-{seed}"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    recipe = run_recipe(args, name, seed, output_dir)
+    # Every run trains its own copy of the shared MLE captioner (build_trainer trains run.model in place).
+    run = dataclasses.replace(base, recipe=recipe, model=copy.deepcopy(base.model))
+    trainer, _ = build_trainer(recipe, progress=False, run=run)
+    trainer.add_callback(Curve())
+    trainer.train()
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from clip_rl_trl.demo import DemoConfig, prepare
+    from clip_rl_trl.configs import parse_recipe
+    from clip_rl_trl.pipeline import prepare
 
     torch.set_num_threads(args.threads)
-    config = DemoConfig(n_val=args.n_val, **args.demo)
     runs = [(name, seed) for name in args.rows for seed in (args.seeds[:1] if ROWS[name].sweep else args.seeds)]
     index, count = (int(x) for x in args.shard.split("/"))
     runs = runs[index::count]
@@ -242,11 +262,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already recorded; {len(todo)} to go", flush=True)
     if not todo:
         return
-    prepared = prepare(config, progress=False)
-    evaluator = Evaluator(prepared, config)
-    before = evaluator(prepared.captioner)
+    # The world, judge, embedding cache and MLE captioner, once per process; the evaluations use the base
+    # recipe's seed (P@1's distractors) whatever the run's seed.
+    base = prepare(parse_recipe(base_args(args)), progress=False)
+    evaluator = Evaluator(base)
+    before = evaluator(base.model)
     for name, seed in todo:
-        run_one(prepared, config, evaluator, name, seed, args, before)
+        run_one(base, evaluator, name, seed, args, before)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -394,7 +416,8 @@ def main() -> None:
     run.add_argument("--shard", default="0/1", help="K/N: run every N-th of the runs, starting at the K-th")
     run.add_argument("--threads", type=int, default=1, help="torch threads (one per process on a shared CPU)")
     run.add_argument("--demo", type=json.loads, default={},
-                     help='JSON of DemoConfig fields to change, e.g. \'{"clip_hard_negatives": true}\'')
+                     help=f'JSON of {BASE_RECIPE} recipe fields to change for every run, e.g. '
+                     '\'{"clip_hard_negatives": false}\'')
     run.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     run.set_defaults(func=cmd_run)
     report = sub.add_parser("report", help="table and figures from --output")
