@@ -197,8 +197,28 @@ class ClipSReward(ClipReward):
         return RF.clip_s(img, txt, w=self.w)
 
 
+class HardNegativesFromRecipe(ClipReward):
+    """For rewards whose constructor takes similar-image ``groups`` as extra negatives (retrieval,
+    bidirectional): a recipe names them by ``hard_negatives``."""
+
+    @classmethod
+    def from_recipe(
+        cls,
+        env: RewardEnv,
+        *,
+        hard_negatives: int | Sequence[int] | None = None,
+        similarity: str = "image",
+        exclude_above: float | None = None,
+        **options: Any,
+    ) -> ClipReward:
+        """``hard_negatives``: ``K`` nearest training images, or their 0-based ranks (``[3, 4]``), by
+        ``similarity`` (``image`` cosine, or ``captions``: Zhang et al. Eq. 2); the rest as the constructor's."""
+        groups = env.hard_negatives(hard_negatives, similarity, exclude_above)
+        return cls(env.scorer, env.cache, id_column=env.id_column, groups=groups, **options)
+
+
 @register_reward("retrieval")
-class RetrievalReward(ClipReward):
+class RetrievalReward(HardNegativesFromRecipe):
     """DiscriTune: log-probability that CLIP retrieves the caption's image among the batch's images.
 
     ``logit_scale=None`` uses the scorer's own (100 for the released CLIP models). ``groups`` (optional) adds
@@ -220,21 +240,6 @@ class RetrievalReward(ClipReward):
         if groups is not None:
             _check_groups(groups, cache)
         self.groups = groups
-
-    @classmethod
-    def from_recipe(
-        cls,
-        env: RewardEnv,
-        *,
-        hard_negatives: int | Sequence[int] | None = None,
-        similarity: str = "image",
-        exclude_above: float | None = None,
-        **options: Any,
-    ) -> RetrievalReward:
-        """``hard_negatives``: ``K`` nearest training images, or their 0-based ranks (``[3, 4]``), by
-        ``similarity`` (``image`` cosine, or ``captions``: Zhang et al. Eq. 2); the rest as the constructor's."""
-        groups = env.hard_negatives(hard_negatives, similarity, exclude_above)
-        return cls(env.scorer, env.cache, id_column=env.id_column, groups=groups, **options)
 
     def compute(self, txt: torch.Tensor, img: torch.Tensor, ids: list[Any], columns: Mapping[str, Any]) -> torch.Tensor:
         hard = None if self.groups is None else self._group_emb(self.groups, ids).to(txt.device)
@@ -289,7 +294,7 @@ class GroupGapReward(ClipReward):
 
 
 @register_reward("bidirectional")
-class BidirectionalReward(ClipReward):
+class BidirectionalReward(HardNegativesFromRecipe):
     """Chaffin et al. 2024: decoupled contrastive reward in both directions, ``temperature`` 0.01.
 
     ``refs_column`` (optional) adds the batch images' reference captions to the image-to-text denominators
@@ -318,21 +323,10 @@ class BidirectionalReward(ClipReward):
         self.groups = groups
 
     @classmethod
-    def from_recipe(
-        cls,
-        env: RewardEnv,
-        *,
-        hard_negatives: int | Sequence[int] | None = None,
-        similarity: str = "image",
-        exclude_above: float | None = None,
-        ref_negatives: bool = False,
-        **options: Any,
-    ) -> BidirectionalReward:
-        """``hard_negatives``: ``K`` nearest training images, or their 0-based ranks (``[3, 4]``), by
-        ``similarity`` (``image`` cosine, or ``captions``: Zhang et al. Eq. 2); the rest as the constructor's; ``ref_negatives``: the
-        references join the image-to-text denominators (``refs_column``)."""
-        groups = env.hard_negatives(hard_negatives, similarity, exclude_above)
-        return cls(env.scorer, env.cache, id_column=env.id_column, groups=groups, refs_column=env.captions_column if ref_negatives else None, **options)
+    def from_recipe(cls, env: RewardEnv, *, ref_negatives: bool = False, **options: Any) -> BidirectionalReward:
+        """``ref_negatives``: the batch's references join the image-to-text denominators (``refs_column``); the
+        hard negatives as :meth:`HardNegativesFromRecipe.from_recipe`'s."""
+        return super().from_recipe(env, refs_column=env.captions_column if ref_negatives else None, **options)
 
     def compute(self, txt: torch.Tensor, img: torch.Tensor, ids: list[Any], columns: Mapping[str, Any]) -> torch.Tensor:
         owner = _owners(ids)

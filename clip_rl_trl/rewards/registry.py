@@ -81,8 +81,12 @@ def reward_options(target: Any) -> set[str] | None:
     if not hasattr(target, "from_recipe"):
         names, open_ = _keywords(target.__init__)
         return None if open_ else names
-    names, open_ = _keywords(target.from_recipe)
-    names.discard("env")
+    # Each from_recipe along the class's ancestry that passes **options on adds its own keyword options.
+    names, open_ = set(), True
+    for cls in target.__mro__:
+        if open_ and "from_recipe" in vars(cls):
+            own, open_ = _keywords(vars(cls)["from_recipe"].__func__)
+            names |= own - {"env"}
     if open_:
         for source in getattr(target, "option_sources", (target.__init__,)):
             extra, source_open = _keywords(source)
