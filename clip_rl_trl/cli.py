@@ -165,13 +165,13 @@ def _output_folder(flag: str, value: str) -> Path:
     return path
 
 
-def _parse_recipe(argv: Sequence[str]) -> Any:
+def _parse_recipe(argv: Sequence[str], command: str = "train") -> Any:
     from clip_rl_trl.configs import ConfigError, parse_recipe
 
     if "--config" not in argv:
         raise CliError("--config is required (a recipe YAML, e.g. examples/configs/bidir_coco.yaml)")
     try:
-        recipe = parse_recipe(argv)
+        recipe = parse_recipe(argv, prog=f"clip-rl-trl {command}")
     except ConfigError as err:
         raise CliError(str(err)) from err
     _output_folder("--output_dir", recipe.training.output_dir)
@@ -309,7 +309,7 @@ def _evaluate_model(args: argparse.Namespace) -> None:
     from clip_rl_trl.configs import ConfigError
     from clip_rl_trl.pipeline import evaluate_saved
 
-    recipe = _parse_recipe(args.recipe_args)
+    recipe = _parse_recipe(args.recipe_args, "eval")
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise CliError(f"--model {args.model}: no such folder")
@@ -488,7 +488,7 @@ def _add_train(sub: Any) -> None:
 def _add_eval(sub: Any) -> None:
     evaluate = sub.add_parser(
         "eval",
-        help="every metric of a captions file, or of a saved model on a recipe's evaluation split",
+        help="every metric of a captions file, or of a saved model on a recipe's test split",
         description="Score captions with evaluate_captions (retrieval R@K and P@1/100, GEG, CLIP-S, "
         "RefCLIP-S, BLEU/METEOR/ROUGE-L/CIDEr/SPICE, diversity; grammar and attributes in the shapes "
         "world). Either --captions FILE --dataset DATASET, or --model DIR --config RECIPE.",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -50,6 +51,19 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the field (or file) at fault."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; a recipe means the number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def _positive(name: str, value: Any, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
@@ -71,7 +85,8 @@ class DataConfig:
         default=None, metadata={"help": "Karpathy JSON file, save_to_disk folder, Hub dataset name, or 'shapes'"}
     )
     dataset_source: str | None = field(
-        default=None, metadata={"help": "karpathy | disk | hub | shapes (default: told from dataset_name)"}
+        default=None, metadata={"help": "a registered source: karpathy | hub | shapes, or a dotted import path "
+                                "(default: told from dataset_name)"}
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name"})
     image_root: str | None = field(default=None, metadata={"help": "image folder of a Karpathy JSON file"})
@@ -193,7 +208,7 @@ class RewardConfig:
             raise ConfigError(f"reward_funcs: {duplicated} appear more than once (TRL logs rewards by name)")
         if isinstance(self.reward_kwargs, str):
             try:
-                self.reward_kwargs = yaml.safe_load(self.reward_kwargs)
+                self.reward_kwargs = _yaml(self.reward_kwargs)
             except yaml.YAMLError as err:
                 raise ConfigError(f"reward_kwargs: not a JSON / YAML mapping ({err})") from None
         kwargs = self.reward_kwargs or {}
@@ -276,15 +291,6 @@ TOY_BASE: dict[str, Any] = {
 }
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-5`` (no dot) as a string; a recipe means the number."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
-
-
 def packaged_recipe(name: str) -> Path:
     """The recipe ``name`` shipped with the library (``clip_rl_trl/recipes/<name>.yaml``), e.g. ``shapes_demo``."""
     path = Path(str(resources.files("clip_rl_trl") / "recipes" / f"{name}.yaml"))
@@ -315,6 +321,10 @@ class RecipeParser(TrlParser):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(RECIPE_TYPES, **kwargs)
 
+    def error(self, message: str) -> None:
+        # argparse would print the usage of every field (hundreds of lines) before the one line that matters.
+        self.exit(2, f"{self.prog}: error: {message} (`--config FILE --help` lists every field)\n")
+
     def parse_recipe(self, args: Sequence[str] | None = None) -> Recipe:
         """Parse ``--config FILE`` (a path, or a packaged recipe's name) and the command-line overrides.
 
@@ -337,7 +347,11 @@ class RecipeParser(TrlParser):
             del args[at : at + 2]
             self.set_defaults_with_config(**self._read(config_path, toy="--toy" in args))
         try:
-            parts = self.parse_args_into_dataclasses(args=args)
+            with warnings.catch_warnings():
+                # GRPOConfig's own default (gradient_checkpointing=True) triggers transformers' rename warning on
+                # every parse; the user did not write it and cannot act on it.
+                warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+                parts = self.parse_args_into_dataclasses(args=args)
         except ConfigError:
             raise
         except ValueError as err:  # CaptionRLConfig / GRPOConfig / ModelConfig checks
@@ -351,7 +365,7 @@ class RecipeParser(TrlParser):
         if not file.is_file():
             raise ConfigError(f"--config {path}: no such file")
         try:
-            config = yaml.load(file.read_text("utf-8"), Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+            config = _yaml(file.read_text("utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
         if not isinstance(config, dict):
@@ -371,7 +385,7 @@ class RecipeParser(TrlParser):
                 raise ConfigError(
                     f"recipe {path}: unknown field{'s' if len(unknown) > 1 else ''} "
                     f"{[where + k for k in unknown]} (fields of DataConfig, JudgeConfig, CaptionerConfig, "
-                    "RewardConfig and CaptionRLConfig; `clip-rl-trl train --help` lists them)"
+                    "RewardConfig and CaptionRLConfig; `clip-rl-trl train --config FILE --help` lists them)"
                 )
         if toy:
             config = {**config, **TOY_BASE, **overrides}
@@ -379,6 +393,6 @@ class RecipeParser(TrlParser):
         return config
 
 
-def parse_recipe(args: Sequence[str] | None = None) -> Recipe:
+def parse_recipe(args: Sequence[str] | None = None, prog: str | None = None) -> Recipe:
     """``RecipeParser().parse_recipe(args)``: the command line of ``clip-rl-trl train`` and of the examples."""
-    return RecipeParser().parse_recipe(args)
+    return RecipeParser(prog=prog).parse_recipe(args)

@@ -90,12 +90,22 @@ def check_recipe(recipe: Recipe) -> tuple[DataSource, CaptionerFamily]:
             f"model_name_or_path: required (a saved model folder or a Hub name); captioner_family {fam.name} is "
             "not built from scratch, which only a ClipCap on the shapes world (--toy) is"
         )
+    name = recipe.captioner.model_name_or_path
+    if name is not None and _looks_local(name) and not Path(name).is_dir():
+        raise ConfigError(f"model_name_or_path {name!r}: no such folder")
+    if recipe.captioner.load_in_4bit or recipe.captioner.load_in_8bit:
+        raise ConfigError("load_in_4bit / load_in_8bit: quantised captioners are not supported yet")
     if recipe.captioner.caption_prompt is not None and not fam.reads_pixels:
         raise ConfigError(f"caption_prompt: {fam.name} captions have no text prompt (BLIP and VLM only)")
     resume = recipe.training.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() not in ("true", "false") and not Path(resume).is_dir():
         raise ConfigError(f"resume_from_checkpoint: {resume!r}: no such checkpoint folder")
     return source, fam
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub name ("user/model"): absolute, explicitly relative, or with two slashes or more."""
+    return Path(name).exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
 
 
 def _unique_images(*splits: Any) -> Any:

@@ -79,6 +79,9 @@ def test_a_flat_recipe_parses_into_the_five_configs_with_overrides(tmp_path) -> 
     assert recipe.rewards.reward_kwargs == {"bidirectional": {"temperature": 0.02}}
     assert recipe.training.output_dir == os.path.join("outputs", "r")
     assert parse_recipe(["--config", path]).rewards.options("discriminator") == {"lr": 7e-5}  # 7.0e-5: a float
+    # 1e-3 in JSON on the command line is a number too (YAML 1.1 alone would read a string)
+    over = parse_recipe(["--config", path, "--reward_kwargs", '{"discriminator": {"lr": 1e-3}}'])
+    assert over.rewards.options("discriminator") == {"lr": 1e-3}
 
 
 def test_toy_applies_its_section_on_the_shapes_world(tmp_path) -> None:
@@ -153,7 +156,7 @@ def test_parse_errors_name_the_field(tmp_path, change, argv, message: str) -> No
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"reward_funcs": ["bleu"], "reward_weights": [1.0], "reward_kwargs": None}, r"reward 'bleu': not a registered reward \(\["),
+        ({"reward_funcs": ["bleu"], "reward_weights": [1.0], "reward_kwargs": None}, r"reward 'bleu': not a registered one \(\["),
         ({"reward_kwargs": {"bidirectional": {"temprature": 0.1}}}, r"reward_kwargs.bidirectional: unknown option\(s\) \['temprature'\]"),
         ({"reward_weights": [1.0]}, r"reward_weights: 1 weight\(s\) for 2 reward_funcs"),
         ({"captioner_family": "lstm"}, r"captioner_family: 'lstm'; registered families: \['blip', 'clipcap'"),
@@ -162,6 +165,9 @@ def test_parse_errors_name_the_field(tmp_path, change, argv, message: str) -> No
         ({"caption_prompt": "a photo of"}, "caption_prompt: clipcap captions have no text prompt"),
         ({"reward_funcs": ["nowhere.Reward", "discriminator"], "reward_kwargs": None}, "cannot import module 'nowhere'"),
         ({"dataset_source": "s3"}, r"dataset_source: 's3'; registered sources"),
+        ({"model_name_or_path": "./no/such/model"}, "model_name_or_path './no/such/model': no such folder"),
+        ({"load_in_4bit": True}, "quantised captioners are not supported"),
+        ({"captioner_family": "json.JSONDecoder"}, "is not a CaptionerFamily subclass"),
     ],
 )
 def test_registry_names_are_checked_before_any_work(tmp_path, change, message: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import datasets
 
 from clip_rl_trl.configs import DataConfig
+from clip_rl_trl.importing import import_dotted
 
 __all__ = ["SOURCES", "DataSource", "data_source", "load_split", "register_source"]
 
@@ -151,10 +152,16 @@ class ShapesSource(DataSource):
 
 def data_source(config: DataConfig) -> DataSource:
     """The source named by ``config.dataset_source``, or the first that claims ``config.dataset_name``."""
-    if config.dataset_source is not None:
-        if config.dataset_source not in SOURCES:
-            raise ValueError(f"dataset_source: {config.dataset_source!r}; registered sources: {sorted(SOURCES)}")
-        return SOURCES[config.dataset_source]
+    name = config.dataset_source
+    if name is not None:
+        if name in SOURCES:
+            return SOURCES[name]
+        if "." not in name:
+            raise ValueError(f"dataset_source: {name!r}; registered sources: {sorted(SOURCES)}")
+        target = import_dotted(name, "dataset_source", sorted(SOURCES))
+        if not (isinstance(target, type) and issubclass(target, DataSource)):
+            raise ValueError(f"dataset_source {name!r} is not a DataSource subclass")
+        return target()
     return next(s for s in reversed(SOURCES.values()) if s.claims(config))
 
 

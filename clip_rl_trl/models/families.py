@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from clip_rl_trl.embeddings import ImageEmbeddingCache
+from clip_rl_trl.importing import import_dotted
 from clip_rl_trl.models.clipcap import GPT2_LORA_TARGETS
 from clip_rl_trl.models.policies import (
     BlipPolicy,
@@ -48,10 +49,25 @@ def register_family(name: str):
 
 
 def family(name: str) -> CaptionerFamily:
-    """The registered family ``name``; a clear error listing the families otherwise."""
-    if name not in FAMILIES:
+    """The registered family ``name``, or the :class:`CaptionerFamily` subclass at a dotted import path."""
+    if name in FAMILIES:
+        return FAMILIES[name]
+    if "." not in name:
         raise ValueError(f"captioner_family: {name!r}; registered families: {sorted(FAMILIES)}")
-    return FAMILIES[name]
+    target = import_dotted(name, "captioner_family", sorted(FAMILIES))
+    if not (isinstance(target, type) and issubclass(target, CaptionerFamily)):
+        raise ValueError(f"captioner_family {name!r} is not a CaptionerFamily subclass")
+    return target()
+
+
+def _pretrained_kwargs(config: Any) -> dict[str, Any]:
+    """``from_pretrained`` settings of ``trl.ModelConfig``: revision and dtype (``auto`` or a torch dtype)."""
+    kwargs: dict[str, Any] = {"revision": config.model_revision}
+    if config.dtype not in (None, "auto"):
+        kwargs["dtype"] = getattr(torch, config.dtype)
+    elif config.dtype == "auto":
+        kwargs["dtype"] = "auto"
+    return kwargs
 
 
 class CaptionerFamily:
@@ -128,8 +144,8 @@ class ClipCapFamily(CaptionerFamily):
 
         if config.model_name_or_path is None:
             return mle_clipcap(config, **context)
-        model = ClipCapModel.from_pretrained(config.model_name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+        model = ClipCapModel.from_pretrained(config.model_name_or_path, **_pretrained_kwargs(config))
+        tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path, revision=config.model_revision)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return model, tokenizer
@@ -174,8 +190,8 @@ class BlipFamily(CaptionerFamily):
     def load(self, config: Any, **context: Any) -> tuple[nn.Module, Any]:
         from transformers import AutoProcessor, BlipForConditionalGeneration
 
-        model = BlipForConditionalGeneration.from_pretrained(config.model_name_or_path)
-        processor = AutoProcessor.from_pretrained(config.model_name_or_path)
+        model = BlipForConditionalGeneration.from_pretrained(config.model_name_or_path, **_pretrained_kwargs(config))
+        processor = AutoProcessor.from_pretrained(config.model_name_or_path, revision=config.model_revision)
         processor.tokenizer.eos_token = processor.tokenizer.sep_token  # BLIP captions end with [SEP]
         return model, processor
 
@@ -216,8 +232,11 @@ class VLMFamily(CaptionerFamily):
     def load(self, config: Any, **context: Any) -> tuple[nn.Module, Any]:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        return (AutoModelForImageTextToText.from_pretrained(config.model_name_or_path),
-                AutoProcessor.from_pretrained(config.model_name_or_path))
+        kwargs = _pretrained_kwargs(config)
+        if config.attn_implementation is not None:
+            kwargs["attn_implementation"] = config.attn_implementation
+        return (AutoModelForImageTextToText.from_pretrained(config.model_name_or_path, **kwargs),
+                AutoProcessor.from_pretrained(config.model_name_or_path, revision=config.model_revision))
 
     def policy(self, model, processing_class, *, cache, id_column, image_column, prompt=None) -> CaptionPolicy:
         if not (hasattr(processing_class, "image_processor") and hasattr(processing_class, "tokenizer")):

@@ -18,7 +18,6 @@ imported, as ``import clip_rl_trl`` does).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from clip_rl_trl.importing import import_dotted
 
 __all__ = ["REWARDS", "RewardEnv", "build_rewards", "check_reward_options", "register_reward", "resolve_reward",
            "reward_options"]
@@ -50,18 +51,7 @@ def resolve_reward(name: str) -> Any:
     """The class or function a recipe's reward name stands for: a registry key, or a dotted import path."""
     if name in REWARDS:
         return REWARDS[name]
-    module, _, attr = name.rpartition(".")
-    if not module:
-        raise ValueError(
-            f"reward {name!r}: not a registered reward ({sorted(REWARDS)}) nor a dotted import path "
-            "like my_pkg.rewards.MyReward"
-        )
-    try:
-        target = getattr(importlib.import_module(module), attr)
-    except ImportError as err:
-        raise ValueError(f"reward {name!r}: cannot import module {module!r} ({err})") from None
-    except AttributeError:
-        raise ValueError(f"reward {name!r}: module {module!r} has no attribute {attr!r}") from None
+    target = import_dotted(name, "reward", sorted(REWARDS))
     if not callable(target):
         raise ValueError(f"reward {name!r} is a {type(target).__name__}, not a class or a function")
     return target
