@@ -84,17 +84,24 @@ def _scorer(args: argparse.Namespace):
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from clip_rl_trl.embeddings import ImageEmbeddingCache
+    from clip_rl_trl.embeddings import ImageEmbeddingCache, UnreadableImagesError
 
     dataset = _load_dataset(args, args.shapes_n)
     scorer = _scorer(args)
     dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
     try:
-        cache = ImageEmbeddingCache.build(dataset, scorer, dtype=dtype)
+        cache = ImageEmbeddingCache.build(dataset, scorer, dtype=dtype, skip_bad_images=args.skip_bad_images)
+    except UnreadableImagesError as err:
+        hint = "no image is left to cache" if args.skip_bad_images else "--skip-bad-images caches the others"
+        raise CliError(str(UnreadableImagesError(err.bad_images, err.total, hint))) from err
     except ValueError as err:
         raise CliError(str(err)) from err
     path = cache.save(args.output)
     print(f"wrote {len(cache)} embeddings of dimension {cache.dim} to {path}")
+    if args.skip_bad_images:
+        report = Path(f"{args.output}.bad_images.jsonl")
+        report.write_text("".join(json.dumps(b._asdict()) + "\n" for b in cache.bad_images), encoding="utf-8")
+        print(f"skipped {len(cache.bad_images)} unreadable image(s), listed in {report}")
 
 
 def cmd_neighbors(args: argparse.Namespace) -> None:
@@ -412,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clip_flags(embed)
     embed.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     embed.add_argument("--output", required=True, help="cache file to write (.safetensors)")
+    embed.add_argument("--skip-bad-images", action="store_true", help="cache the readable images; list the "
+                       "others in <output>.bad_images.jsonl (default: fail, listing every unreadable image)")
     embed.set_defaults(func=cmd_embed)
 
     neighbors = sub.add_parser(

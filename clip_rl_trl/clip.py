@@ -1,4 +1,5 @@
-"""The frozen CLIP judge: batched, L2-normalised image and text embeddings from any open_clip model."""
+"""The frozen CLIP judge: batched, L2-normalised image and text embeddings from any open_clip model; and
+:func:`load_image`, which reads an image and names it when it cannot."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import functools
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,20 +16,88 @@ from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-ImageLike = Image.Image | str | os.PathLike
+ImageLike = Image.Image | str | os.PathLike | Mapping[str, Any]
 
 
 def load_image(image: ImageLike) -> Image.Image:
-    """Open ``image`` (a PIL image or a path) as RGB; an unreadable path raises an error naming it."""
+    """Open ``image`` as RGB: a PIL image, a path, or an undecoded ``datasets.Image`` value (``{"bytes",
+    "path"}``, as ``datasets.Image(decode=False)`` reads it; decoded as ``datasets`` decodes it). An unreadable
+    one raises ``ValueError`` naming it."""
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        try:
+            image.load()  # a lazily opened image is read here: truncated or corrupt data fails now
+            return image if image.mode == "RGB" else image.convert("RGB")
+        except OSError as err:
+            raise ValueError(f"cannot decode image: {_reason(err)}") from err
+    if isinstance(image, Mapping) and set(image) <= {"bytes", "path"}:
+        import datasets
+
+        data, path = image.get("bytes"), image.get("path")
+        if data is None and path is None:
+            raise ValueError("the image value has neither bytes nor a path")
+        where = f"image {os.fspath(path)!r}" if data is None else f"the {len(data)} image bytes"
+        if data is not None and path:
+            where += f" of {os.fspath(path)!r}"
+        try:
+            decoded = datasets.Image().decode_example({"bytes": data, "path": path})
+            return decoded if decoded.mode == "RGB" else decoded.convert("RGB")
+        except OSError as err:  # UnidentifiedImageError and FileNotFoundError are OSErrors
+            raise ValueError(f"cannot read {where}: {_reason(err)}") from err
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as img:
                 return img.convert("RGB")
-        except (OSError, UnidentifiedImageError) as err:
-            raise ValueError(f"cannot read image {os.fspath(image)!r}: {err}") from err
-    raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")
+        except OSError as err:
+            raise ValueError(f"cannot read image {os.fspath(image)!r}: {_reason(err)}") from err
+    raise TypeError(f"got {type(image).__name__}, not a PIL image, a path or a datasets.Image value")
+
+
+def _reason(err: OSError) -> str:
+    """PIL's reason without the file object it names (``<_io.BytesIO object at 0x...>`` for bytes)."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format PIL can identify"
+    if isinstance(err, FileNotFoundError):
+        return "no such file"
+    return str(err)
+
+
+def image_path(value: Any) -> str | None:
+    """The file an image value names: a path, a ``datasets.Image`` value's ``path``, a PIL image's file."""
+    path = value.get("path") if isinstance(value, Mapping) else getattr(value, "filename", value)
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) and path else None
+
+
+class BadImage(NamedTuple):
+    """An image of a dataset that :func:`load_image` cannot read: row, id, column, file (if any) and why."""
+
+    row: int
+    image_id: int | str
+    column: str
+    path: str | None
+    error: str
+
+    def __str__(self) -> str:
+        return f"row {self.row} (image id {self.image_id!r}, column {self.column!r}): {self.error}"
+
+
+class UnreadableImagesError(ValueError):
+    """Images of a dataset that cannot be read (``ImageEmbeddingCache.build``); ``bad_images`` lists all."""
+
+    def __init__(self, bad_images: Sequence[BadImage], total: int, hint: str) -> None:
+        self.bad_images = tuple(bad_images)
+        self.total = total
+        listing = "; ".join(map(str, self.bad_images))
+        super().__init__(f"{len(self.bad_images)} of the {total} images cannot be read ({hint}): {listing}")
+
+
+def _text_context(model: torch.nn.Module) -> int | None:
+    """Token positions of an open_clip text tower (``CLIP``, or ``CustomTextCLIP.text``), which the tokenizer
+    must fill exactly; ``None`` for other towers (a Hugging Face encoder takes shorter inputs)."""
+    for tower in (model, getattr(model, "text", None)):
+        if isinstance(getattr(tower, "positional_embedding", None), torch.Tensor):
+            context = getattr(tower, "context_length", None)
+            return context if isinstance(context, int) else None
+    return None
 
 
 class ClipScorer:
@@ -50,6 +119,13 @@ class ClipScorer:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        model_context, tokenizer_context = _text_context(model), getattr(tokenizer, "context_length", None)
+        if model_context is not None and tokenizer_context is not None and tokenizer_context != model_context:
+            raise ValueError(
+                f"the tokenizer's context length is {tokenizer_context} but the model's text tower has "
+                f"{model_context} positions: build the tokenizer with the model's context length, e.g. "
+                f"open_clip.get_tokenizer(name, context_length={model_context})"
+            )
         self.model = model.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)
@@ -75,14 +151,16 @@ class ClipScorer:
         """Build a scorer from open_clip's registry, e.g. ``("ViT-B-32", pretrained="openai")``.
 
         Weights come from the Hub or open_clip's download cache (``HF_HUB_OFFLINE=1`` uses the cache only);
-        ``pretrained=None`` gives a randomly initialised model of that architecture.
+        ``pretrained=None`` gives a randomly initialised model of that architecture. The tokenizer is built
+        with the model's text context (which ``model_kwargs`` may change).
         """
         import open_clip
 
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, device=device, **model_kwargs
         )
-        return cls(model, open_clip.get_tokenizer(model_name), preprocess, device=device, batch_size=batch_size)
+        tokenizer = open_clip.get_tokenizer(model_name, context_length=_text_context(model))
+        return cls(model, tokenizer, preprocess, device=device, batch_size=batch_size)
 
     @property
     def device(self) -> torch.device:
@@ -122,7 +200,7 @@ class ClipScorer:
                 raise ValueError(f"images tensor must be (N, 3, H, W), got shape {tuple(images.shape)}")
             chunks = [images[i : i + size] for i in range(0, len(images), size)]
         else:
-            if isinstance(images, (Image.Image, str, os.PathLike)):
+            if isinstance(images, (Image.Image, str, os.PathLike, Mapping)):
                 raise TypeError("encode_images expects a sequence of images; wrap a single image in a list")
             images = list(images)
             chunks = [

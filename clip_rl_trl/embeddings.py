@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .clip import ClipScorer
+from .clip import BadImage, ClipScorer, UnreadableImagesError, image_path, load_image
 
 ImageId = int | str
 
@@ -73,6 +73,11 @@ def _keys_from_ids(ids: Sequence[ImageId] | np.ndarray | torch.Tensor) -> tuple[
     first = values[0]
     kind = int if _is_int_id(first) else str
     for i, v in enumerate(values):
+        if not (_is_int_id(v) or isinstance(v, str)):
+            raise ValueError(
+                f"ids[{i}] is {type(v).__name__} {v!r}: an image id must be an int or a str (all ids of one "
+                f"type), not {type(v).__name__}"
+            )
         if not (_is_int_id(v) if kind is int else isinstance(v, str)):
             raise ValueError(
                 f"ids must be all int or all str; ids[0] is {type(first).__name__} {first!r} but ids[{i}] is "
@@ -184,6 +189,9 @@ class ImageEmbeddingCache:
     device, in the stored dtype; a single id returns ``(D,)``. An unknown id raises ``KeyError`` naming it.
     """
 
+    #: The images :meth:`build` skipped with ``skip_bad_images=True`` (empty for any other cache).
+    bad_images: tuple[BadImage, ...] = ()
+
     def __init__(self, ids: Sequence[ImageId] | np.ndarray | torch.Tensor, embeddings: torch.Tensor) -> None:
         if not isinstance(embeddings, torch.Tensor):
             raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
@@ -222,13 +230,20 @@ class ImageEmbeddingCache:
         *,
         dtype: torch.dtype | None = None,
         progress: bool = True,
+        skip_bad_images: bool = False,
     ) -> ImageEmbeddingCache:
         """Embed every image of ``dataset`` once, ``scorer.batch_size`` images at a time, with a progress bar.
 
         ``dataset`` is a ``datasets.Dataset``, a mapping of columns, or a sequence of dict rows; its
-        ``image_column`` holds PIL images or paths and its ``id_column`` unique int or str ids (checked before
-        any image is embedded). Embeddings are kept on the CPU in ``dtype`` (default: the scorer's dtype);
-        ``torch.float16`` halves the cache with no visible effect on cosine similarities.
+        ``image_column`` holds PIL images, paths or ``datasets.Image()`` values and its ``id_column`` unique
+        int or str ids (checked before any image is embedded). Embeddings are kept on the CPU in ``dtype``
+        (default: the scorer's dtype); ``torch.float16`` halves the cache with no visible effect on cosine
+        similarities.
+
+        An image that cannot be read (missing file, corrupt bytes, not an image) does not stop the pass: every
+        image is read, and :class:`UnreadableImagesError` then lists each bad one (row, id, column, path,
+        reason); once one is found, the rest are only read, not embedded. With ``skip_bad_images=True`` the
+        cache holds the other images and :attr:`bad_images` lists the skipped ones as :class:`BadImage`.
         """
         columns, length, read = _column_reader(dataset)
         for column in (image_column, id_column):
@@ -240,24 +255,37 @@ class ImageEmbeddingCache:
             raise ValueError(f"dtype must be one of {sorted(map(str, _TORCH_TO_ST))}, got {dtype}")
         size = scorer.batch_size
         out: torch.Tensor | None = None
+        filled = 0  # the good images' embeddings are packed in dataset order
+        bad: list[BadImage] = []
         with tqdm(total=length, unit="img", desc="Embedding images", disable=not progress) as bar:
             for start in range(0, length, size):
                 stop = min(start + size, length)
-                try:
-                    emb = scorer.encode_images(read(image_column, start, stop))
-                except (TypeError, ValueError) as err:
-                    first, last = index.decode(index.keys[start]), index.decode(index.keys[stop - 1])
-                    raise ValueError(
-                        f"cannot embed the images of rows {start}..{stop - 1} (ids {first!r}..{last!r}): {err}"
-                    ) from err
-                if (
-                    out is None
-                ):  # allocated once the embedding width is known; filled in place, no concat copy
-                    out = torch.empty(length, emb.shape[1], dtype=dtype)
-                out[start:stop] = emb.to("cpu", dtype)
+                pixels = []
+                for row, value in enumerate(read(image_column, start, stop), start):
+                    try:
+                        image = load_image(value)
+                    except (TypeError, ValueError) as err:
+                        image_id = index.decode(index.keys[row])
+                        bad.append(BadImage(row, image_id, image_column, image_path(value), str(err)))
+                        continue
+                    if skip_bad_images or not bad:  # once the build must fail, images are only read
+                        pixels.append(scorer.preprocess(image))
+                if pixels and (skip_bad_images or not bad):
+                    emb = scorer.encode_images(torch.stack(pixels)).to("cpu", dtype)
+                    if out is None:  # allocated once the embedding width is known; filled in place
+                        out = torch.empty(length, emb.shape[1], dtype=dtype)
+                    out[filled : filled + len(emb)] = emb
+                    filled += len(emb)
                 bar.update(stop - start)
-        assert out is not None
-        return cls._from_parts(index, out)
+        if bad and not skip_bad_images:
+            raise UnreadableImagesError(bad, length, "skip_bad_images=True caches the others")
+        if out is None:  # every image was bad
+            raise UnreadableImagesError(bad, length, "no image is left to cache")
+        if bad:
+            index = _IdIndex(np.delete(index.keys, [b.row for b in bad]), index.id_type)
+        cache = cls._from_parts(index, out[:filled])
+        cache.bad_images = tuple(bad)
+        return cache
 
     # -- look-ups ------------------------------------------------------------------------------------------
 
@@ -518,10 +546,15 @@ def _check_layout(header: dict[str, Any], data_size: int, path: Path) -> _Layout
 def _column_reader(dataset: Any) -> tuple[list[str], int, Any]:
     """(column names, number of rows, read(column, start, stop) -> list) for the dataset shapes build() takes."""
     if hasattr(dataset, "select_columns") and hasattr(dataset, "column_names"):  # datasets.Dataset
+        import datasets
+
         columns = list(dataset.column_names)
+        for column, feature in dataset.features.items():  # images are read undecoded ({"bytes", "path"}):
+            if isinstance(feature, datasets.Image):  # build decodes each one, naming the row of a corrupt one
+                dataset = dataset.cast_column(column, datasets.Image(decode=False))
 
         def read(column: str, start: int, stop: int) -> list:
-            # Only the asked-for column is decoded: an image batch never decodes the other columns.
+            # Only the asked-for column is read: an image batch never decodes the other columns.
             return list(dataset.select_columns([column])[start:stop][column])
 
         return columns, len(dataset), read

@@ -178,6 +178,25 @@ def test_clear_errors(scorer, cache) -> None:
         GroupGapReward(scorer, cache, similar_image_groups(cache.embeddings, k=2), reduce="max")
 
 
+@pytest.mark.parametrize("bad, what", [(None, "None"), ("", "empty"), ("  ", "empty"), (3, "a int")])
+def test_bad_references_name_reward_completion_image_and_column(scorer, cache, bad, what) -> None:
+    refs = [REFS[i] for i in IDS]
+    refs[2] = refs[3] = ["a blue square", "a blue block", bad]  # image img1: completions 2 and 3
+    rewards = [
+        BidirectionalReward(scorer, cache, refs_column="captions"),
+        DiscriminatorReward(Discriminator(scorer.embed_dim, seed=0), scorer, cache),
+    ]
+    for reward in rewards:
+        with pytest.raises(
+            ValueError,
+            match=rf"^reward '{reward.__name__}', completion 2: reference 2 of image 'img1' in column "
+            rf"'captions' is {what}, expected a non-empty string$",
+        ):
+            call(reward, captions=refs)
+        with pytest.raises(ValueError, match=r"references of image 'img0' in column 'captions' are a str"):
+            call(reward, captions=["a red square"] + refs[1:])
+
+
 def test_non_finite_reward_is_an_error(scorer, cache) -> None:
     head = GrammarHead(scorer.embed_dim, seed=0)
     with torch.no_grad():

@@ -64,6 +64,55 @@ def test_embed_then_neighbors(dataset_dir, tmp_path, capsys) -> None:
     torch.testing.assert_close(groups, similar_image_groups(cache.embeddings.float(), k=2))
 
 
+@pytest.fixture
+def corrupt_dir(tmp_path):
+    """A saved dataset of four images whose third (id 12) is garbage bytes."""
+    import io
+
+    from datasets import Features, Value
+    from datasets import Image as ImageFeature
+
+    values = []
+    for colour in [(255, 0, 0), (0, 0, 255), None, (0, 255, 0)]:
+        buf = io.BytesIO()
+        if colour is not None:
+            Image.new("RGB", (40, 40), colour).save(buf, format="PNG")
+        values.append({"bytes": buf.getvalue() or b"garbage", "path": None})
+    features = Features({"image": ImageFeature(), "image_id": Value("int64")})
+    Dataset.from_dict({"image": values, "image_id": [10, 11, 12, 13]}, features=features).save_to_disk(
+        str(tmp_path / "corrupt")
+    )
+    return tmp_path / "corrupt"
+
+
+def test_embed_lists_unreadable_images_or_skips_them(corrupt_dir, tmp_path, monkeypatch, capsys) -> None:
+    from conftest import make_tiny_scorer
+
+    import clip_rl_trl.cli
+
+    monkeypatch.setattr(clip_rl_trl.cli, "_scorer", lambda args: make_tiny_scorer(batch_size=2))
+    out = tmp_path / "cache.safetensors"
+    argv = ["embed", "--dataset", str(corrupt_dir), "--clip", "tiny", "--output", str(out)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "1 of the 4 images cannot be read (--skip-bad-images caches the others): row 2 (image id 12, column "
+        "'image'): cannot read the 7 image bytes: not an image format PIL can identify"
+    )
+    assert not out.exists()
+
+    assert main([*argv, "--skip-bad-images"]) == 0
+    report = Path(f"{out}.bad_images.jsonl")
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote 3 embeddings of dimension 64 to {out}",
+        f"skipped 1 unreadable image(s), listed in {report}",
+    ]
+    assert ImageEmbeddingCache.load(out).ids == [10, 11, 13]
+    assert [json.loads(line) for line in report.read_text().splitlines()] == [
+        {"row": 2, "image_id": 12, "column": "image", "path": None,
+         "error": "cannot read the 7 image bytes: not an image format PIL can identify"}
+    ]
+
+
 class AngleScorer:
     """A stand-in judge: the caption "c<angle>" embeds as the 2-D unit vector at that angle (hand-checkable)."""
 

@@ -1,5 +1,6 @@
 """ClipScorer on a tiny random open_clip model: normalisation, batching, inputs, truncation, errors."""
 
+import io
 import logging
 
 import open_clip
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip_rl_trl import ClipScorer
+from clip_rl_trl.clip import load_image
 
 
 def _images() -> list[Image.Image]:
@@ -70,6 +72,39 @@ def test_unreadable_image_names_the_path(scorer: ClipScorer, tmp_path) -> None:
         scorer.encode_images([bad])
     with pytest.raises(ValueError, match="missing.png"):
         scorer.encode_images([tmp_path / "missing.png"])
+
+
+def test_load_image_reads_datasets_image_values_and_names_what_is_unreadable(tmp_path) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
+    assert load_image({"bytes": buf.getvalue(), "path": None}).getpixel((0, 0)) == (1, 2, 3)
+    Image.new("L", (8, 8), 9).save(tmp_path / "grey.png")
+    assert load_image({"bytes": None, "path": str(tmp_path / "grey.png")}).getpixel((0, 0)) == (9, 9, 9)
+    with pytest.raises(ValueError, match=r"^cannot read the 7 image bytes of 'x.png': not an image format"):
+        load_image({"bytes": b"garbage", "path": "x.png"})
+    with pytest.raises(ValueError, match=r"^cannot read image '/no/such\.png': no such file$"):
+        load_image({"bytes": None, "path": "/no/such.png"})
+    with pytest.raises(ValueError, match="^the image value has neither bytes nor a path$"):
+        load_image({"bytes": None, "path": None})
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])  # header intact, data cut
+    with pytest.raises(ValueError, match="^cannot decode image: image file is truncated"):
+        load_image(Image.open(tmp_path / "cut.png"))  # opened lazily: the data is read by load_image
+    with pytest.raises(TypeError, match="^got int, not a PIL image, a path or a datasets.Image value$"):
+        load_image(3)
+
+
+def test_tokenizer_context_must_match_the_text_tower(scorer: ClipScorer) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"^the tokenizer's context length is 77 but the model's text tower has 24 positions: build the "
+        r"tokenizer with the model's context length, e.g. "
+        r"open_clip.get_tokenizer\(name, context_length=24\)$",
+    ):
+        ClipScorer(scorer.model, open_clip.SimpleTokenizer(), scorer.preprocess)
+    # A tokenizer without a context_length (a plain function) is not checked.
+    plain = ClipScorer(scorer.model, lambda texts: scorer.tokenizer(texts), scorer.preprocess)
+    assert plain.encode_texts(["a circle"]).shape == (1, 64)
 
 
 def test_bad_inputs_raise_clear_errors(scorer: ClipScorer) -> None:

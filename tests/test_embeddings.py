@@ -1,5 +1,6 @@
 """ImageEmbeddingCache: building with a tiny CLIP, look-ups, id types, safetensors round trips, corrupt files."""
 
+import io
 import json
 import os
 import struct
@@ -14,7 +15,7 @@ from conftest import make_tiny_scorer
 from PIL import Image
 
 from clip_rl_trl.clip import ClipScorer
-from clip_rl_trl.embeddings import ImageEmbeddingCache
+from clip_rl_trl.embeddings import ImageEmbeddingCache, UnreadableImagesError
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 0), (10, 10, 10)]
 
@@ -101,9 +102,109 @@ def test_build_duplicate_or_mixed_ids_fail_before_any_image_is_embedded(scorer, 
     assert sizes == []
 
 
-def test_build_bad_image_names_the_rows(scorer, images) -> None:
-    with pytest.raises(ValueError, match=r"rows 2\.\.3 \(ids 'c'\.\.'d'\).*got NoneType"):
+def test_build_bad_image_names_the_row(scorer, images) -> None:
+    with pytest.raises(ValueError, match=r"row 3 \(image id 'd', column 'image'\): got NoneType, not a PIL"):
         ImageEmbeddingCache.build({"image": [images[0]] * 3 + [None], "image_id": list("abcd")}, scorer)
+
+
+def _png(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def bad_rows(images, tmp_path) -> list[dict]:
+    """Rows 1, 2 and 4 of 6 are unreadable: a garbage file, a missing file, a truncated PNG opened lazily."""
+    (tmp_path / "garbage.png").write_bytes(b"not an image")
+    (tmp_path / "cut.png").write_bytes(_png(COLOURS[4])[:60])
+    images[1].save(tmp_path / "good.png")
+    values = [images[0], str(tmp_path / "garbage.png"), tmp_path / "missing.png", str(tmp_path / "good.png"),
+              Image.open(tmp_path / "cut.png"), images[3]]
+    return [{"image": v, "image_id": f"id{i}"} for i, v in enumerate(values)]
+
+
+def test_build_lists_every_unreadable_image_not_only_the_first(scorer, bad_rows, tmp_path, monkeypatch):
+    sizes = _spy(scorer, monkeypatch)
+    with pytest.raises(UnreadableImagesError) as caught:
+        ImageEmbeddingCache.build(bad_rows, scorer, progress=False)
+    err = caught.value
+    assert isinstance(err, ValueError) and "\n" not in str(err)
+    assert str(err).startswith("3 of the 6 images cannot be read (skip_bad_images=True caches the others): ")
+    assert [(b.row, b.image_id, b.column) for b in err.bad_images] == [
+        (1, "id1", "image"), (2, "id2", "image"), (4, "id4", "image")
+    ]
+    assert [b.path for b in err.bad_images] == [
+        str(tmp_path / "garbage.png"), str(tmp_path / "missing.png"), str(tmp_path / "cut.png")
+    ]
+    assert (
+        f"row 1 (image id 'id1', column 'image'): cannot read image '{tmp_path}/garbage.png': not an image "
+        "format PIL can identify; row 2 (image id 'id2', column 'image'): cannot read image "
+        f"'{tmp_path}/missing.png': no such file; row 4 (image id 'id4', column 'image'): cannot decode "
+        "image: image file is truncated"
+    ) in str(err)
+    assert sizes == []  # the first batch already holds a bad image: nothing is embedded once the build fails
+
+
+def test_build_skip_bad_images_caches_the_others_and_lists_them(scorer, images, bad_rows) -> None:
+    cache = ImageEmbeddingCache.build(bad_rows, scorer, progress=False, skip_bad_images=True)
+    assert cache.ids == ["id0", "id3", "id5"]
+    torch.testing.assert_close(cache.embeddings, scorer.encode_images([images[0], images[1], images[3]]))
+    assert [(b.row, b.image_id) for b in cache.bad_images] == [(1, "id1"), (2, "id2"), (4, "id4")]
+    assert cache.bad_images[1].error.endswith("missing.png': no such file")
+    assert "id1" not in cache and cache["id5"].shape == (64,)
+    assert ImageEmbeddingCache.build(bad_rows[:1], scorer, skip_bad_images=True).bad_images == ()
+    with pytest.raises(UnreadableImagesError, match=r"^2 of the 2 images cannot be read \(no image is left"):
+        ImageEmbeddingCache.build(bad_rows[1:3], scorer, progress=False, skip_bad_images=True)
+
+
+def test_build_corrupt_image_bytes_in_a_saved_dataset_name_row_id_and_column(scorer, tmp_path) -> None:
+    features = datasets.Features({"image": datasets.Image(), "image_id": datasets.Value("int64")})
+    values = [{"bytes": _png(c), "path": None} for c in COLOURS[:3]]
+    values[1] = {"bytes": b"garbage", "path": None}
+    datasets.Dataset.from_dict({"image": values, "image_id": [5, 6, 7]}, features=features).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    ds = datasets.load_from_disk(str(tmp_path / "ds"))
+    with pytest.raises(
+        ValueError,
+        match=r"^1 of the 3 images cannot be read \(skip_bad_images=True caches the others\): row 1 \(image "
+        r"id 6, column 'image'\): cannot read the 7 image bytes: not an image format PIL can identify$",
+    ):
+        ImageEmbeddingCache.build(ds, scorer, progress=False)
+    cache = ImageEmbeddingCache.build(ds, scorer, progress=False, skip_bad_images=True)
+    assert cache.ids == [5, 7] and cache.bad_images[0].path is None
+    expected = scorer.encode_images([Image.new("RGB", (32, 32), c) for c in (COLOURS[0], COLOURS[2])])
+    torch.testing.assert_close(cache.embeddings, expected)
+
+
+def test_build_decodes_image_features_as_datasets_does(scorer) -> None:
+    """Read undecoded, an Image() value still gets datasets' decoding (EXIF orientation applied)."""
+    img = Image.new("RGB", (32, 16), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 8, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    features = datasets.Features({"image": datasets.Image(), "image_id": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": buf.getvalue(), "path": None}], "image_id": [1]}, features)
+    assert ds[0]["image"].size == (16, 32)
+    cache = ImageEmbeddingCache.build(ds, scorer, progress=False)
+    torch.testing.assert_close(cache.embeddings, scorer.encode_images([ds[0]["image"]]))
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        ([True, 1], r"^ids\[0\] is bool True: an image id must be an int or a str \(all ids of one "
+                    r"type\), not bool$"),
+        ([1, 2.0], r"^ids\[1\] is float 2\.0: an image id must be an int or a str .*not float$"),
+        (["a", None], r"^ids\[1\] is NoneType None: .*not NoneType$"),
+    ],
+)
+def test_ids_of_other_types_name_the_id_and_the_accepted_types(ids, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ImageEmbeddingCache(ids, torch.zeros(len(ids), 4))
 
 
 # -- look-ups ------------------------------------------------------------------------------------------------

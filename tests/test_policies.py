@@ -235,6 +235,35 @@ def test_blip_errors(setup) -> None:
         policy.image_inputs([{"image_id": 3}], torch.device("cpu"))
 
 
+def test_unreadable_images_name_the_row_id_and_column(tmp_path) -> None:
+    import io
+
+    import datasets
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (16, 16), 7).save(buf, format="PNG")
+    features = datasets.Features({"image": datasets.Image(), "image_id": datasets.Value("string")})
+    values = [{"bytes": buf.getvalue(), "path": None}, {"bytes": b"garbage", "path": None}]
+    datasets.Dataset.from_dict({"image": values, "image_id": ["a", "b"]}, features=features).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    # Read undecoded, the policy decodes each image itself and names the one that fails.
+    ds = datasets.load_from_disk(str(tmp_path / "ds")).cast_column("image", datasets.Image(decode=False))
+    tok = blip_tokenizer()
+    policy = BlipPolicy(tok, blip_model(tok).config)
+    assert policy.image_inputs([ds[0]], torch.device("cpu"))["pixel_values"].shape == (1, 3, 32, 32)
+    with pytest.raises(
+        ValueError,
+        match=r"^row 1 \(image id 'b'\), column 'image': cannot read the 7 image bytes: not an image format "
+        r"PIL can identify$",
+    ):
+        policy.image_inputs(list(ds), torch.device("cpu"))
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=rf"^row 0, column 'image': cannot read image '{tmp_path}/bad.jpg'"):
+        policy.image_inputs([{"image": str(tmp_path / "bad.jpg")}], torch.device("cpu"))
+
+
 # ---------------------------------------------------------------------- decoder-only VLM (LLaVA)
 
 

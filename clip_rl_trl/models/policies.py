@@ -14,7 +14,6 @@ always "caption tokens + EOS", no BOS and no prompt: each adapter adds what its 
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -131,19 +130,19 @@ def caption_rows(
 
 
 def _load_images(rows: Rows, column: str) -> list[Any]:
-    """RGB PIL images from ``rows[column]`` (PIL images or file paths)."""
-    from PIL import Image
+    """RGB PIL images from ``rows[column]``: PIL images, file paths or undecoded ``datasets.Image`` values. An
+    unreadable one raises an error naming its row, its ``image_id`` when the row has one, and the column."""
+    from clip_rl_trl.clip import load_image
 
     images = []
     for i, row in enumerate(rows):
         if column not in row:
             raise KeyError(f"row {i} has no image column {column!r}; its columns are {sorted(row)}")
-        value = row[column]
-        if isinstance(value, (str, os.PathLike)):
-            value = Image.open(value)
-        if not isinstance(value, Image.Image):
-            raise TypeError(f"row {i}: column {column!r} holds a {type(value).__name__}, not a PIL image or path")
-        images.append(value.convert("RGB"))
+        try:
+            images.append(load_image(row[column]))
+        except (TypeError, ValueError) as err:
+            image_id = f" (image id {row['image_id']!r})" if "image_id" in row else ""
+            raise type(err)(f"row {i}{image_id}, column {column!r}: {err}") from err
     return images
 
 

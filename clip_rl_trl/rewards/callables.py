@@ -13,7 +13,7 @@ embeddings from :meth:`ClipScorer.encode_texts_shared`, so all the CLIP rewards 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,12 +76,39 @@ def _owners(ids: Sequence[Any]) -> torch.Tensor:
     return torch.tensor([first.setdefault(i, len(first)) for i in ids], dtype=torch.long)
 
 
-def _references_once(ids: Sequence[Any], refs: Sequence[Sequence[str]]) -> tuple[list[str], list[Any]]:
-    """Each distinct image's reference captions once (however many samples it has), with their image ids."""
+def _references_once(
+    ids: Sequence[Any], refs: Sequence[Any], column: str, reward: str
+) -> tuple[list[str], list[Any]]:
+    """Each distinct image's reference captions once (however many samples it has), with their image ids.
+
+    A row's references must be a list of non-empty strings; anything else is a ``ValueError`` naming the
+    reward, the completion (row), the image id and the column."""
+    if len(refs) != len(ids):
+        raise ValueError(f"reward {reward!r}: {len(refs)} rows of column {column!r} for {len(ids)} image ids")
     texts: list[str] = []
     text_ids: list[Any] = []
-    for image_id, image_refs in dict(zip(ids, refs, strict=True)).items():
-        texts += list(image_refs)
+    seen: set[Any] = set()
+    for row, (image_id, image_refs) in enumerate(zip(ids, refs, strict=True)):
+        if image_id in seen:
+            continue
+        seen.add(image_id)
+        where = f"reward {reward!r}, completion {row}"
+        if isinstance(image_refs, (str, bytes)) or not isinstance(image_refs, Iterable):
+            raise ValueError(
+                f"{where}: the references of image {image_id!r} in column {column!r} are a "
+                f"{type(image_refs).__name__}, expected a list of strings"
+            )
+        image_refs = list(image_refs)
+        for j, ref in enumerate(image_refs):
+            if not isinstance(ref, str) or not ref.strip():
+                what = (
+                    "empty" if isinstance(ref, str) else "None" if ref is None else f"a {type(ref).__name__}"
+                )
+                raise ValueError(
+                    f"{where}: reference {j} of image {image_id!r} in column {column!r} is {what}, "
+                    "expected a non-empty string"
+                )
+        texts += image_refs
         text_ids += [image_id] * len(image_refs)
     return texts, text_ids
 
@@ -333,7 +360,7 @@ class BidirectionalReward(HardNegativesFromRecipe):
         extra_txt = extra_owner = extra_img = None
         if self.refs_column is not None:
             refs = _column(columns, self.refs_column, len(ids), self.__name__)
-            ref_texts, ref_ids = _references_once(ids, refs)
+            ref_texts, ref_ids = _references_once(ids, refs, self.refs_column, self.__name__)
             owner_of = dict(zip(ids, owner.tolist(), strict=True))
             extra_txt = self.scorer.encode_texts_shared(ref_texts)
             extra_owner = torch.tensor([owner_of[i] for i in ref_ids], dtype=torch.long, device=txt.device)
@@ -408,7 +435,7 @@ class DiscriminatorReward(ClipReward):
         self, img: torch.Tensor, txt: torch.Tensor, ids: Sequence[Any], refs: Sequence[Sequence[str]]
     ) -> dict[str, float]:
         """One discriminator step: each distinct image's references (human) against the generated captions."""
-        ref_texts, ref_ids = _references_once(ids, refs)
+        ref_texts, ref_ids = _references_once(ids, refs, self.refs_column, self.__name__)
         if not ref_texts:
             raise ValueError(f"reward {self.__name__!r}: the batch has no reference captions to train on")
         gt_txt = self.scorer.encode_texts_shared(ref_texts)
