@@ -165,13 +165,6 @@ def cmd_neighbors(args: argparse.Namespace) -> None:
     )
 
 
-def _output_folder(flag: str, value: str) -> Path:
-    path = Path(value)
-    if path.exists() and not path.is_dir():
-        raise CliError(f"{flag} {value}: exists and is not a folder")
-    return path
-
-
 def _parse_recipe(argv: Sequence[str], command: str = "train") -> Any:
     from clip_rl_trl.configs import ConfigError, parse_recipe
 
@@ -181,7 +174,6 @@ def _parse_recipe(argv: Sequence[str], command: str = "train") -> Any:
         recipe = parse_recipe(argv, prog=f"clip-rl-trl {command}")
     except ConfigError as err:
         raise CliError(str(err)) from err
-    _output_folder("--output_dir", recipe.training.output_dir)
     return recipe
 
 
@@ -198,7 +190,6 @@ def _train(argv: Sequence[str]) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The packaged shapes-world recipe (Chaffin et al.'s full method) through the pipeline; --quick: its toy."""
-    _output_folder("--output-dir", args.output_dir)
     _train(["--config", "shapes_demo", "--output_dir", args.output_dir, *(["--toy"] if args.quick else [])])
 
 
@@ -342,9 +333,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         _evaluate_file(args)
 
 
+PUSH_IGNORE = ("checkpoint-*", "checkpoint-*/**", "runs/**", "image_embeddings.safetensors", ".report-*")
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     from huggingface_hub import HfApi, constants
     from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from clip_rl_trl.credentials import find_credentials
 
     folder = Path(args.model)
     if not folder.is_dir():
@@ -355,17 +351,17 @@ def cmd_push(args: argparse.Namespace) -> None:
             "output folder of 'clip-rl-trl train'"
         )
     if not (folder / "README.md").is_file():
-        raise CliError(
-            f"--model {args.model}: no README.md model card (CaptionRLTrainer.create_model_card writes it)"
-        )
+        raise CliError(f"--model {args.model}: no README.md model card (CaptionRLTrainer.create_model_card writes it)")
     try:
         validate_repo_id(args.repo_id)
     except HFValidationError as err:
         raise CliError(f"--repo-id {args.repo_id}: {err}") from err
+    found = find_credentials(folder, PUSH_IGNORE)
+    if found:
+        raise CliError(f"--model {args.model}: refusing to upload what looks like a credential: "
+                       + "; ".join(f"{kind} in {path}" for path, kind in found) + " (remove it, then push)")
     if constants.HF_HUB_OFFLINE:
-        raise CliError(
-            "cannot push while HF_HUB_OFFLINE=1 is set: pushing needs the network (unset it, log in)"
-        )
+        raise CliError("cannot push while HF_HUB_OFFLINE=1 is set: pushing needs the network (unset it, log in)")
     api = HfApi()
     try:
         url = api.create_repo(args.repo_id, private=args.private, exist_ok=True, repo_type="model")
@@ -373,11 +369,9 @@ def cmd_push(args: argparse.Namespace) -> None:
             repo_id=args.repo_id,
             folder_path=folder,
             commit_message=args.commit_message,
-            ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "image_embeddings.safetensors"],
+            ignore_patterns=list(PUSH_IGNORE),
         )
-    except (
-        Exception
-    ) as err:  # network, authentication, permission: the Hub's errors vary, report them in one line
+    except Exception as err:  # network, authentication, permission: the Hub's errors vary, report them in one line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CliError(f"--repo-id {args.repo_id}: push failed ({type(err).__name__}: {reason})") from err
     print(f"pushed {folder} to {url}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -106,6 +107,44 @@ def check_recipe(recipe: Recipe) -> tuple[DataSource, CaptionerFamily]:
 def _looks_local(name: str) -> bool:
     """A path rather than a Hub name ("user/model"): absolute, explicitly relative, or with two slashes or more."""
     return Path(name).exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Create ``path`` and prove it writable (a probe file, flushed to disk), before any work is done."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output_dir {os.fspath(folder)!r}: exists and is not a folder")
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir {os.fspath(folder)!r}: cannot write there ({err.strerror or err})") from None
+
+
+def check_free_space(recipe: Recipe, n_images: int) -> int:
+    """Refuse to start when the output folder's disk cannot hold the run; returns the estimate in bytes.
+
+    The estimate: the image embeddings (at most 1,024 float32 dimensions per image) when they are saved, plus the
+    captioner's weights (its local weight files) once in the final model and three times (weights and Adam's two
+    moments) in each kept checkpoint (``save_total_limit``, else every save, counted as 2, plus the one in progress).
+    """
+    name = recipe.captioner.model_name_or_path
+    weights = (sum(p.stat().st_size for p in Path(name).glob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
+               if name and Path(name).is_dir() else 0)
+    kept = (recipe.training.save_total_limit or 2) + 1 if recipe.training.save_strategy != "no" else 0
+    estimate = n_images * 1024 * 4 + weights * (1 + 3 * kept)
+    free = shutil.disk_usage(recipe.training.output_dir).free
+    if free < estimate:
+        raise ConfigError(
+            f"output_dir {recipe.training.output_dir!r}: {free / 2**30:.2f} GiB free, but the run needs about "
+            f"{estimate / 2**30:.2f} GiB (embeddings of {n_images} images, the model and {kept} checkpoints)"
+        )
+    return estimate
 
 
 def _unique_images(*splits: Any) -> Any:
@@ -199,6 +238,7 @@ def prepare(recipe: Recipe, progress: bool = True, adapter: str | None = None) -
     """Data, judge, image-embedding cache, captioner and its policy (``adapter``: a saved LoRA adapter)."""
     source, fam = check_recipe(recipe)
     data, args = recipe.data, recipe.training
+    check_output_dir(args.output_dir)
     try:
         with _main_first():
             splits = {
@@ -208,6 +248,7 @@ def prepare(recipe: Recipe, progress: bool = True, adapter: str | None = None) -
             }
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    check_free_space(recipe, len({i for split in splits.values() for i in split["image_id"]}))
     parts: dict[str, Any] = dict(splits)
     with _main_first():
         parts["scorer"] = _load_judge(recipe, source, progress)
@@ -224,8 +265,16 @@ def prepare(recipe: Recipe, progress: bool = True, adapter: str | None = None) -
 
 
 def _rows(run: Run, dataset: Any) -> Any:
-    """ClipCap reads cached embeddings: its rows carry no image (an ``image`` column switches on TRL's VLM path)."""
-    return dataset.select_columns(run.family.dataset_columns(dataset.column_names, run.recipe.training))
+    """ClipCap reads cached embeddings: its rows carry no image (an ``image`` column switches on TRL's VLM path).
+    A pixel reader gets its images undecoded: the policy decodes each row and names the one that is corrupt,
+    where ``datasets`` would fail in the data loader with a bare PIL error."""
+    import datasets
+
+    rows = dataset.select_columns(run.family.dataset_columns(dataset.column_names, run.recipe.training))
+    column = run.recipe.training.image_column
+    if isinstance(rows.features.get(column), datasets.Image):
+        rows = rows.cast_column(column, datasets.Image(decode=False))
+    return rows
 
 
 def build_trainer(recipe: Recipe, progress: bool = True, run: Run | None = None) -> tuple[Any, Run]:

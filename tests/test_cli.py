@@ -251,7 +251,12 @@ def test_train_errors_name_the_flag(tmp_path, capsys) -> None:
     assert "captioner.family -> captioner_family" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     assert main(["train", "--config", "shapes_demo", "--output_dir", str(tmp_path / "file")]) == 2
-    assert "--output_dir" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "output_dir" in err and "exists and is not a folder" in err
+    # an output folder that cannot be written fails before any work, in one line
+    assert main(["demo", "--quick", "--output-dir", "/proc/clip-rl-trl-test"]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir '/proc/clip-rl-trl-test': cannot write there" in err and len(err.strip().splitlines()) == 1
 
 
 def test_train_help_lists_the_recipe_fields(capsys) -> None:
@@ -377,6 +382,17 @@ def model_folder(path: Path) -> Path:
     (path / "config.json").write_text("{}")
     (path / "README.md").write_text("# card\n")
     return path
+
+
+def test_push_refuses_a_folder_holding_a_credential(tmp_path, capsys) -> None:
+    folder = model_folder(tmp_path / "model")
+    (folder / "notes.txt").write_text("token: hf_" + "AbCdEf0123" * 4 + "\n")
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "x.txt").write_text("hf_" + "Z" * 40)  # not uploaded: ignored by push
+    assert main(["push", "--model", str(folder), "--repo-id", "someone/captioner"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to upload what looks like a credential: Hugging Face token in notes.txt (remove it" in err
+    assert "checkpoint-2" not in err
 
 
 def test_push_offline_fails_with_one_clear_line(tmp_path) -> None:

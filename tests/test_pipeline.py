@@ -32,6 +32,7 @@ from clip_rl_trl import (
     register_family,
     similar_image_groups,
 )
+from clip_rl_trl.credentials import find_credentials
 from clip_rl_trl.models.families import ClipCapFamily
 from clip_rl_trl.pipeline import build_trainer, check_recipe, evaluate_saved, prepare, train
 from clip_rl_trl.rewards.registry import REWARDS, build_rewards, reward_options
@@ -295,14 +296,18 @@ def tiny_clipcap(tokenizer, prefix_dim: int = 64) -> ClipCapModel:
 def test_two_step_run_writes_model_card_report_and_captions(tiny_setup) -> None:
     root, path = tiny_setup
     out = root / "run"
-    result = train(parse_recipe(["--config", path, "--output_dir", str(out), "--hub_token", "hf_secret"]),
-                   progress=False)
+    fake = "hf_" + "FakeToken0" * 4  # shaped like a real Hugging Face token
+    result = train(parse_recipe(["--config", path, "--output_dir", str(out), "--hub_token", fake,
+                                 "--save_strategy", "steps", "--save_steps", "1"]), progress=False)
     report = json.loads((out / "report.json").read_text())
     for side in ("before", "after"):
         assert {"p_at_1_100", "recall_at_1", "clip_s", "geg_avg", "distinct_2", "novelty"} <= set(report[side])
         assert report[side] == pytest.approx({k: v for k, v in result[side].items() if k != "skipped"})
     assert report["steps"] == 2 and report["recipe"]["rewards"]["reward_funcs"] == ["bidirectional", "discriminator"]
-    assert "hf_secret" not in (out / "report.json").read_text() + (out / "report.md").read_text()
+    # the token is in no file of the run: reports, model card, training_args.bin, checkpoints
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert find_credentials(out) == []
+    assert not any(fake.encode() in p.read_bytes() for p in out.rglob("*") if p.is_file())
     lines = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert [r["image_id"] for r in lines] == [f"test-{i:06d}" for i in range(8)]  # the test split, not val
     card = (out / "README.md").read_text()
@@ -333,6 +338,17 @@ def test_evaluation_geg_groups_are_eq2_within_the_test_split(tiny_setup, tmp_pat
     img = call["img_emb"]
     gap = group_embedding_gap(judge.encode_texts(captions).float(), img, img[groups], reduce="avg")
     assert metrics["geg_avg"] == pytest.approx(float(gap.mean()), abs=1e-5)
+
+
+def test_a_full_disk_is_refused_before_any_work(tiny_setup, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    root, path = tiny_setup
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    recipe = parse_recipe(["--config", path, "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ConfigError, match=r"0.00 GiB free, but the run needs about .* GiB \(embeddings of 28 images"):
+        prepare(recipe, progress=False)
+    assert not (tmp_path / "out" / "image_embeddings.safetensors").exists()  # nothing embedded
 
 
 def test_a_cache_for_other_data_is_refused(tiny_setup, tmp_path) -> None:

@@ -260,7 +260,7 @@ def test_write_report_files(tmp_path):
     assert md.startswith("# shapes demo\n")
     table = [line for line in md.splitlines() if line.startswith("| before") or line.startswith("| after")]
     table += [line for line in md.splitlines() if line.startswith("| change")]
-    # DEMO_COLUMNS first (p_at_1_100, recall_at_1, clip_s, grammar_valid, vocab_size), then self_bleu.
+    # HEADLINE_METRICS first (p_at_1_100, recall_at_1, clip_s, grammar_valid, vocab_size), then self_bleu.
     assert [c.strip() for c in table[0].strip("|").split("|")] == [
         "before",
         "0.050",
@@ -327,3 +327,22 @@ def test_write_report_errors_write_nothing(tmp_path):
     with pytest.raises(TypeError, match=r"before\['recall_at_1'\]"):
         write_report(out, before={"recall_at_1": "0.2"}, after=AFTER, captions=records(2))
     assert not out.exists()
+
+
+def test_a_failed_report_leaves_no_half_written_files(tmp_path, monkeypatch) -> None:
+    """The files are renamed into place only once all are written, report.json last."""
+    import clip_rl_trl.evaluation.report as report
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "markdown_table", broken)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(tmp_path, before={"clip_s": 1.0}, after={"clip_s": 2.0},
+                     captions=[{"image_id": 1, "before": "a", "after": "b"}])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    files = write_report(tmp_path, before={"clip_s": 1.0}, after={"clip_s": 2.0},
+                         captions=[{"image_id": 1, "before": "a", "after": "b"}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.jsonl", "report.json", "report.md"]
+    assert files["json"] == tmp_path / "report.json"

@@ -6,12 +6,11 @@ from clip_rl_trl.evaluation.evaluate import evaluate_captions
 from clip_rl_trl.evaluation.judge import evaluate_shapes_clip
 from clip_rl_trl.evaluation.nlg import coco_caption_metrics
 from clip_rl_trl.evaluation.plots import TRAINING_KEYS, caption_grid, plot_tradeoff, plot_training
-from clip_rl_trl.evaluation.report import DEMO_COLUMNS, write_report
+from clip_rl_trl.evaluation.report import write_report
 from clip_rl_trl.evaluation.retrieval import precision_at_1, recall_at_k
 from clip_rl_trl.evaluation.tables import HEADLINE_METRICS, format_table, headline_table, mean_std
 
 __all__ = [
-    "DEMO_COLUMNS",
     "HEADLINE_METRICS",
     "TRAINING_KEYS",
     "caption_grid",

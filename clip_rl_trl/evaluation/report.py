@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from numbers import Integral
 from pathlib import Path
@@ -25,18 +26,10 @@ from clip_rl_trl.evaluation.plots import (
 from clip_rl_trl.evaluation.tables import HEADLINE_METRICS, format_table, markdown_table, md_escape
 from clip_rl_trl.evaluation.tables import is_number as _is_number
 
-# Until the modules that import these from here are updated (they now live in ``tables`` and ``plots``, and are
-# exported by ``clip_rl_trl.evaluation``), this module re-exports them.
-from clip_rl_trl.evaluation.plots import plot_tradeoff, plot_training  # noqa: F401  # isort: skip
-from clip_rl_trl.evaluation.tables import mean_std  # noqa: F401  # isort: skip
-
 if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = ["write_report"]
-
-# The former name of HEADLINE_METRICS (the demo's before/after columns, now the one list of headline metrics).
-DEMO_COLUMNS = HEADLINE_METRICS
 
 _SAMPLE_PAIRS = 8
 _GRID_COLUMNS = 4
@@ -172,12 +165,40 @@ def write_report(
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
+    # Every file is written into a scratch folder, then renamed into place, report.json last: a crash (or a full
+    # disk) never leaves a half-written report under its final name, nor a report.json without its companions.
+    scratch = out / f".report-{os.getpid()}.tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        written = _write_files(scratch, report_json(before_num, after_num, before_skipped, after_skipped,
+                                                    extra_json), lines, curves, images, grid_captions, title,
+                               captions, extra_json)
+        for key in sorted(written, key=lambda k: k == "json"):
+            os.replace(written[key], out / written[key].name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {key: out / written[key].name for key in ("json", "captions", "markdown", "training_plot", "grid")
+            if key in written}
 
+
+def report_json(before_num: dict, after_num: dict, before_skipped: dict, after_skipped: dict,
+                extra_json: dict) -> dict[str, Any]:
+    """The content of report.json."""
     report: dict[str, Any] = {"before": before_num, "after": after_num}
     if before_skipped or after_skipped:
         report["skipped"] = {"before": before_skipped, "after": after_skipped}
     report.update(extra_json)
+    return report
+
+
+def _write_files(out: Path, report: dict[str, Any], lines: list[str], curves: Any, images: Any,
+                 grid_captions: Any, title: str, captions: Sequence[Mapping[str, Any]],
+                 extra_json: Mapping[str, Any]) -> dict[str, Path]:
+    before_num, after_num = report["before"], report["after"]
+    before_skipped = report.get("skipped", {}).get("before", {})
+    after_skipped = report.get("skipped", {}).get("after", {})
+    paths: dict[str, Path] = {}
     paths["json"] = out / "report.json"
     paths["json"].write_text(
         json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n", "utf-8"
@@ -232,6 +253,4 @@ def write_report(
         md.append("")
     paths["markdown"] = out / "report.md"
     paths["markdown"].write_text("\n".join(md), "utf-8")
-    return {
-        key: paths[key] for key in ("json", "captions", "markdown", "training_plot", "grid") if key in paths
-    }
+    return paths

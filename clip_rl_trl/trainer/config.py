@@ -70,6 +70,12 @@ class CaptionRLConfig(GRPOConfig):
         default=True, metadata={"help": "rewards compare captions across the global batch"}
     )
 
+    def __getstate__(self) -> dict:
+        # HF pickles the arguments into training_args.bin in the model folder and in every checkpoint, which `push`
+        # uploads: a credential (hub_token, any *_token field) lives only in the running process, never on disk.
+        state = dict(self.__dict__)
+        return {k: None if k.endswith("_token") and isinstance(v, str) else v for k, v in state.items()}
+
     def __post_init__(self) -> None:
         # GRPOConfig insists on two generations per prompt, which only its group baseline needs; self-critical
         # and running-mean training (Cho et al., DiscriTune) sample one caption per image.

@@ -17,32 +17,42 @@ reward -> baseline -> loss.
 from __future__ import annotations
 
 import copy
-import json
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 from trl import GRPOTrainer
+from trl.trainer.utils import RepeatSampler
 
 from clip_rl_trl.baselines import ground_truth_weights, make_baseline
 from clip_rl_trl.clip import ClipScorer
 from clip_rl_trl.embeddings import ImageEmbeddingCache
 from clip_rl_trl.evaluation.captioning import evaluate_policy
-from clip_rl_trl.evaluation.nlg import NLG_KEYS
 from clip_rl_trl.models.clipcap import tokenize_captions
 from clip_rl_trl.models.families import policy_for
 from clip_rl_trl.models.policies import CaptionPolicy, completion_mask, unwrap_peft
 from clip_rl_trl.rewards.callables import DiscriminatorReward
+from clip_rl_trl.trainer.checkpoints import (
+    ResumableRepeatSampler,
+    fault_point,
+    finished_at,
+    load_extra_state,
+    remove_incomplete,
+    resume_target,
+    save_extra_state,
+    write_marker,
+)
 from clip_rl_trl.trainer.config import CaptionRLConfig
 from clip_rl_trl.trainer.model_card import CARD_SETTINGS, captioner_details, model_card_text
+from clip_rl_trl.trainer.selection import check_selection, selection_score
 
-STATE_FILE = "caption_rl_state.json"
-_WORLD_METRICS = ("grammar_valid", "attribute_precision", "attribute_recall")
 _TRL_KWARGS = ("trainer_state", "log_extra", "log_metric")
 
 
@@ -111,7 +121,7 @@ class CaptionRLTrainer(GRPOTrainer):
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None:
                 self._check_dataset(name, dataset, args, reward_funcs)
-        self._check_selection(args)
+        check_selection(args, has_world=world is not None)
         if getattr(model, "generation_config", None) is None:
             from transformers import GenerationConfig
 
@@ -176,18 +186,6 @@ class CaptionRLTrainer(GRPOTrainer):
                 raise ValueError(
                     f"{name}: {len(missing)} image id(s) are not in the image-embedding cache, e.g. {missing[:5]}"
                 )
-
-    def _check_selection(self, args: CaptionRLConfig) -> None:
-        """A selection metric the evaluations cannot compute fails here, not at the first evaluation."""
-        selecting = (args.metric_for_best_model or "").removeprefix("eval_") == "selection_score"
-        for key in [args.fluency_metric] + ([args.selection_metric] if selecting else []):
-            if key in _WORLD_METRICS and self.world is None:
-                raise ValueError(
-                    f"checkpoint selection reads {key!r}, which only a world computes: pass world= (the shapes "
-                    "world) or choose another metric"
-                )
-            if key in NLG_KEYS and not args.eval_coco_metrics:
-                raise ValueError(f"checkpoint selection reads {key!r}: set eval_coco_metrics=True")
 
     # ------------------------------------------------------------------ rewards
 
@@ -484,31 +482,49 @@ class CaptionRLTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        """HF's checkpoint, then the baseline and discriminators, then the completion marker; old checkpoints are
+        rotated away only after that (see :mod:`clip_rl_trl.trainer.checkpoints`)."""
+        step = self.state.global_step
+        run_dir = self._get_output_dir(trial=trial)
+        output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if self.args.should_save and os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)  # a crashed attempt at this step: never mix its files with this one's
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # HF would rotate before we finish
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         if not self.args.should_save:
             return
-        output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        with open(os.path.join(output_dir, STATE_FILE), "w") as f:
-            json.dump({"baseline": self.args.baseline, "baseline_state": self.baseline.state_dict()}, f)
-        for i, disc in enumerate(self.discriminators):
-            state = {k: v.contiguous() for k, v in disc.discriminator.state_dict().items()}
-            save_file(state, os.path.join(output_dir, f"discriminator_{i}.safetensors"))
+        fault_point("checkpoint_hf_saved", step)
+        save_extra_state(output_dir, self.args.baseline, self.baseline, self.discriminators)
+        fault_point("checkpoint_before_marker", step)
+        write_marker(output_dir, step)
+        fault_point("checkpoint_before_rotation", step)
+        remove_incomplete(run_dir, below=step)
+        rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=False)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint (a crash while
+        writing one leaves it incomplete: it is skipped with a warning), and a given folder must be complete."""
+        target = resume_target(resume_from_checkpoint, self.args.output_dir)
+        if isinstance(target, str) and finished_at(target, self.args.max_steps):
+            # Trainer would still take one step past max_steps: a run killed after its last checkpoint (while
+            # writing the model or the report) and started again loads that checkpoint and trains no further.
+            self._load_from_checkpoint(target)
+            load_extra_state(target, self.args.baseline, self.baseline, self.discriminators)
+            self.state = TrainerState.load_from_json(os.path.join(target, TRAINER_STATE_NAME))
+            return TrainOutput(self.state.global_step, 0.0, {})
+        return super().train(target, *args, **kwargs)
+
+    def _get_train_sampler(self, dataset: Any = None) -> Any:
+        sampler = super()._get_train_sampler(dataset)
+        return ResumableRepeatSampler.from_sampler(sampler) if isinstance(sampler, RepeatSampler) else sampler
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, STATE_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by CaptionRLTrainer")
-        with open(path) as f:
-            state = json.load(f)
-        if state["baseline"] != self.args.baseline:
-            raise ValueError(f"checkpoint used baseline {state['baseline']!r}, this run {self.args.baseline!r}")
-        self.baseline.load_state_dict(state["baseline_state"])
-        for i, disc in enumerate(self.discriminators):
-            weights = load_file(os.path.join(checkpoint, f"discriminator_{i}.safetensors"))
-            disc.discriminator.load_state_dict(weights)
+        if checkpoint is not None:
+            load_extra_state(checkpoint, self.args.baseline, self.baseline, self.discriminators)
 
     # ------------------------------------------------------------------ evaluation and model card
 
@@ -538,7 +554,7 @@ class CaptionRLTrainer(GRPOTrainer):
             groups_memo=self._groups_memo,
         )
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        selection = self._selection_score(numeric)
+        selection = selection_score(self.args, numeric)
         if selection is not None:
             numeric["selection_score"] = selection
         scalars = {f"{metric_key_prefix}/{k}": v for k, v in numeric.items()}
@@ -546,30 +562,6 @@ class CaptionRLTrainer(GRPOTrainer):
         self.last_eval_metrics = numeric
         self.last_eval_captions = captions
         return scalars
-
-    def _selection_score(self, metrics: Mapping[str, float]) -> float | None:
-        """``selection_metric``, minus 1 when ``fluency_metric`` is below ``fluency_threshold`` (see the config).
-
-        None when this evaluation lacks ``selection_metric`` and nothing selects by it; a missing metric that
-        selection needs is an error naming it.
-        """
-        args = self.args
-        selecting = (args.metric_for_best_model or "").removeprefix("eval_") == "selection_score"
-        needed = [args.fluency_metric] if args.fluency_metric is not None else []
-        if selecting or args.selection_metric in metrics:
-            needed.append(args.selection_metric)
-        missing = [key for key in needed if key not in metrics]
-        if missing:
-            raise ValueError(
-                f"checkpoint selection needs the evaluation metric(s) {missing}, which this evaluation did not "
-                f"compute (a world and a 'scene' column give grammar_valid); it has {sorted(metrics)}"
-            )
-        if args.selection_metric not in metrics:
-            return None
-        score = metrics[args.selection_metric]
-        if args.fluency_metric is not None and metrics[args.fluency_metric] < args.fluency_threshold:
-            score -= 1.0
-        return score
 
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
         # The evaluation logs stable "eval/<name>" keys; Trainer looks up metric_for_best_model as "eval_<name>".
