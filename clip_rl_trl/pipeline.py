@@ -98,6 +98,9 @@ def check_recipe(recipe: Recipe) -> tuple[DataSource, CaptionerFamily]:
         raise ConfigError("load_in_4bit / load_in_8bit: quantised captioners are not supported yet")
     if recipe.captioner.caption_prompt is not None and not fam.reads_pixels:
         raise ConfigError(f"caption_prompt: {fam.name} captions have no text prompt (BLIP and VLM only)")
+    for reward, options in (recipe.rewards.reward_kwargs or {}).items():
+        if options.get("weights") is not None and not Path(options["weights"]).is_file():
+            raise ConfigError(f"reward_kwargs.{reward}.weights: {options['weights']!r}: no such file")
     resume = recipe.training.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() not in ("true", "false") and not Path(resume).is_dir():
         raise ConfigError(f"resume_from_checkpoint: {resume!r}: no such checkpoint folder")

@@ -88,23 +88,23 @@ def _run(out: Path, fault: str | None = None, kill_after: float | None = None) -
 
 
 @pytest.mark.slow
-def test_killed_five_times_the_run_ends_as_an_uninterrupted_one(tmp_path) -> None:
+def test_killed_again_and_again_the_run_ends_as_an_uninterrupted_one(tmp_path) -> None:
     straight = tmp_path / "straight"
     assert _run(straight) == 0
     faulty = tmp_path / "faulty"
     kills = 0
-    # Named points inside checkpoint writes (the marker not yet written, HF's files written but not ours, the old
-    # checkpoint not yet rotated), then SIGKILLs from outside at random moments.
-    for fault in ("checkpoint_before_marker@4", "checkpoint_hf_saved@6", "checkpoint_before_rotation@8"):
-        assert _run(faulty, fault=fault) == -signal.SIGKILL
-        kills += 1
+    # Inside training steps drawn at random and at named points inside checkpoint writes (the marker not yet
+    # written; HF's files written but not ours; the old checkpoint not yet rotated), in the order a run meets them.
     rng = random.Random(0)
-    while kills < 5 or not (faulty / "final.safetensors").is_file():
-        if kills >= 12:
-            break
-        code = _run(faulty, kill_after=None if kills >= 5 else rng.uniform(4.0, 20.0))
-        kills += code != 0
-    assert kills >= 5 and (faulty / "final.safetensors").is_file()
+    faults = [f"training_step@{rng.randint(1, 3)}", "checkpoint_before_marker@4", f"training_step@{rng.choice([5, 6])}",
+              "checkpoint_hf_saved@6", f"training_step@{rng.choice([7, 8])}", "checkpoint_before_rotation@8"]
+    for fault in faults:
+        assert _run(faulty, fault=fault) == -signal.SIGKILL, fault
+        kills += 1
+    # Then SIGKILLs from outside at random moments, until the run finishes.
+    while not (faulty / "final.safetensors").is_file() and kills < 12:
+        kills += _run(faulty, kill_after=rng.uniform(2.0, 10.0) if kills < 8 else None) != 0
+    assert kills >= 6 and (faulty / "final.safetensors").is_file()
     a, b = load_file(straight / "final.safetensors"), load_file(faulty / "final.safetensors")
     assert a.keys() == b.keys()
     for key in a:

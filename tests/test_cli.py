@@ -371,6 +371,13 @@ def test_eval_errors_name_the_flag(shapes_dir, tmp_path, capsys) -> None:
     assert "--captions" in capsys.readouterr().err
     assert main(["eval", "--captions", str(captions)]) == 2
     assert "--captions needs --dataset" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image_id": "test-000000", "caption": "a"}) + "\n{broken\n")
+    assert main(["eval", "--captions", str(bad), "--dataset", "shapes"]) == 2
+    assert "line 2: not valid JSON" in capsys.readouterr().err
+    bad.write_bytes(b"\xff\xfe\x00")
+    assert main(["eval", "--captions", str(bad), "--dataset", "shapes"]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path)]) == 2
     assert "--config is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one source only

@@ -168,6 +168,8 @@ def test_parse_errors_name_the_field(tmp_path, change, argv, message: str) -> No
         ({"dataset_source": "s3"}, r"dataset_source: 's3'; registered sources"),
         ({"model_name_or_path": "./no/such/model"}, "model_name_or_path './no/such/model': no such folder"),
         ({"load_in_4bit": True}, "quantised captioners are not supported"),
+        ({"reward_kwargs": {"discriminator": {"weights": "/no/disc.safetensors"}}},
+         "reward_kwargs.discriminator.weights: '/no/disc.safetensors': no such file"),
         ({"captioner_family": "json.JSONDecoder"}, "is not a CaptionerFamily subclass"),
     ],
 )

@@ -265,6 +265,7 @@ class CaptionRLTrainer(GRPOTrainer):
             unwrapped.train(was_training)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        fault_point("training_step", self.state.global_step + 1)
         args = self.args
         device = self.accelerator.device
         mode = "train" if self.model.training else "eval"
