@@ -12,8 +12,9 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["TOKEN_PATTERNS", "find_credentials"]
+__all__ = ["TOKEN_PATTERNS", "find_credentials", "redact"]
 
 # Token formats as their issuers document them (prefix + length), specific enough not to match hashes or weights.
 TOKEN_PATTERNS: dict[str, re.Pattern[bytes]] = {
@@ -48,3 +49,18 @@ def find_credentials(folder: str | os.PathLike, ignore_patterns: Sequence[str] =
             continue
         hits += [(rel, kind) for kind in _matches(path)]
     return hits
+
+
+def redact(value: Any) -> Any:
+    """``value`` with every credential-shaped substring of its strings (in lists, tuples and dicts too) replaced
+    by ``<redacted>``: what a report or a pickled config may hold of a field the user put a token into."""
+    if isinstance(value, str):
+        data = value.encode()
+        for pattern in TOKEN_PATTERNS.values():
+            data = pattern.sub(b"<redacted>", data)
+        return data.decode()
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from clip_rl_trl.configs import ConfigError, Recipe, parse_recipe
+from clip_rl_trl.credentials import redact
 from clip_rl_trl.data.sources import DataSource, data_source, load_split
 from clip_rl_trl.embeddings import ImageEmbeddingCache
 from clip_rl_trl.models.families import CaptionerFamily, family
@@ -340,12 +341,12 @@ def _grid_images(dataset: Any, ids: Sequence[Any], n: int = 16) -> list[Any] | N
 
 
 def recipe_record(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as JSON-able fields, secrets left out, for the report."""
+    """The recipe as JSON-able fields for the report: ``hub_token`` left out, any credential-shaped text redacted."""
     record = {}
     for name in ("data", "judge", "captioner", "rewards"):
         record[name] = dataclasses.asdict(getattr(recipe, name))
     record["training"] = {k: v for k, v in recipe.training.to_dict().items() if k not in SECRET_FIELDS}
-    return json.loads(json.dumps(record, default=str))
+    return redact(json.loads(json.dumps(record, default=str)))
 
 
 def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:

@@ -299,14 +299,15 @@ def test_two_step_run_writes_model_card_report_and_captions(tiny_setup) -> None:
     root, path = tiny_setup
     out = root / "run"
     fake = "hf_" + "FakeToken0" * 4  # shaped like a real Hugging Face token
-    result = train(parse_recipe(["--config", path, "--output_dir", str(out), "--hub_token", fake,
-                                 "--save_strategy", "steps", "--save_steps", "1"]), progress=False)
+    result = train(parse_recipe(["--config", path, "--output_dir", str(out), "--hub_token", fake, "--run_name",
+                                 f"run-{fake}", "--save_strategy", "steps", "--save_steps", "1"]), progress=False)
     report = json.loads((out / "report.json").read_text())
     for side in ("before", "after"):
         assert {"p_at_1_100", "recall_at_1", "clip_s", "geg_avg", "distinct_2", "novelty"} <= set(report[side])
         assert report[side] == pytest.approx({k: v for k, v in result[side].items() if k != "skipped"})
     assert report["steps"] == 2 and report["recipe"]["rewards"]["reward_funcs"] == ["bidirectional", "discriminator"]
-    # the token is in no file of the run: reports, model card, training_args.bin, checkpoints
+    # the token (given as hub_token, and pasted into run_name) is in no file of the run: reports, model card,
+    # training_args.bin, checkpoints
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert find_credentials(out) == []
     assert not any(fake.encode() in p.read_bytes() for p in out.rglob("*") if p.is_file())

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from clip_rl_trl.baselines import BASELINES, GT_WEIGHTINGS, make_baseline
+from clip_rl_trl.credentials import redact
 
 TRAIN_DECODINGS = ("sample", "greedy")
 
@@ -73,8 +74,9 @@ class CaptionRLConfig(GRPOConfig):
     def __getstate__(self) -> dict:
         # HF pickles the arguments into training_args.bin in the model folder and in every checkpoint, which `push`
         # uploads: a credential (hub_token, any *_token field) lives only in the running process, never on disk.
-        state = dict(self.__dict__)
-        return {k: None if k.endswith("_token") and isinstance(v, str) else v for k, v in state.items()}
+        # A token pasted into another field (run_name, hub_model_id, ...) is redacted too.
+        state = {k: None if k.endswith("_token") and isinstance(v, str) else v for k, v in self.__dict__.items()}
+        return redact(state)
 
     def __post_init__(self) -> None:
         # GRPOConfig insists on two generations per prompt, which only its group baseline needs; self-critical
