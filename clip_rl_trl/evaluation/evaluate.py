@@ -12,6 +12,7 @@ from torch import Tensor
 from clip_rl_trl.clip import ClipScorer
 from clip_rl_trl.evaluation.diversity import distinct_n, novelty, self_bleu, vocab_size
 from clip_rl_trl.evaluation.nlg import NLG_KEYS, check_refs, coco_caption_metrics
+from clip_rl_trl.evaluation.oracle import oracle_metrics
 from clip_rl_trl.evaluation.retrieval import check_embeddings, precision_at_1, recall_at_k
 from clip_rl_trl.rewards.functional import clip_s, group_embedding_gap, refclip_s
 
@@ -266,6 +267,10 @@ def evaluate_captions(
                 _skip(skipped, (key,), f"world.{key} is undefined (None) for every caption")
             else:
                 results[key] = value
+        # An exact judge: would a perfect reader of the grammar pick out the image? (evaluation/oracle.py)
+        if hasattr(world, "consistent"):
+            results.update(oracle_metrics(captions, scenes, world, p_at_1_candidates, seed=seed, groups=groups,
+                                          ties=ties))
 
     results["skipped"] = skipped
     return results

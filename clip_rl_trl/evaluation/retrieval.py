@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["precision_at_1", "recall_at_k"]
+__all__ = ["distractor_indices", "precision_at_1", "recall_at_k"]
 
 # Rows of queries scored at once: bounds memory at _CHUNK x N similarities (N = 25k is 100 MB in float32).
 # Fixed, so that the distractor draws of precision_at_1 depend only on the seed and N.
@@ -121,6 +121,23 @@ def recall_at_k(
     return {kk: float(h / n) for kk, h in zip(ks, hits, strict=True)}
 
 
+def distractor_indices(n: int, n_candidates: int, seed: int = 0) -> Tensor | None:
+    """``(n, n_candidates - 1)`` indices of each query's distractors among the other ``n - 1`` items, as
+    :func:`precision_at_1` draws them (so another judge can be scored on the same trials); ``None`` when every
+    other item is a distractor (``n <= n_candidates``)."""
+    n_distractors = min(n_candidates - 1, n - 1)
+    if n_distractors >= n - 1:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    chunks = []
+    for start in range(0, n, _CHUNK):
+        rows = min(_CHUNK, n - start)
+        # A uniform subset of {0..N-2} (top-k of i.i.d. uniforms), shifted past the query's own item.
+        drawn = torch.rand(rows, n - 1, generator=generator).topk(n_distractors, dim=1).indices
+        chunks.append(drawn + (drawn >= torch.arange(start, start + rows).unsqueeze(1)))
+    return torch.cat(chunks)
+
+
 def precision_at_1(
     txt_emb: Tensor,
     img_emb: Tensor,
@@ -148,20 +165,15 @@ def precision_at_1(
         )
     txt, img = _pair(txt_emb, img_emb)
     n = len(txt)
-    n_distractors = min(n_candidates - 1, n - 1)
-    generator = torch.Generator().manual_seed(seed)
+    drawn = distractor_indices(n, n_candidates, seed)
     hits = 0.0
     for start in range(0, n, _CHUNK):
         t = txt[start : start + _CHUNK]
         rows = torch.arange(len(t), device=t.device)
         sims = t @ img.T
         positive = sims[rows, rows + start]
-        if n_distractors < n - 1:
-            # A uniform subset of {0..N-2} (top-k of i.i.d. uniforms), shifted past the caption's own image.
-            drawn = torch.rand(len(t), n - 1, generator=generator).topk(n_distractors, dim=1).indices
-            drawn = drawn.to(t.device)
-            own = (rows + start).unsqueeze(1)
-            sims = torch.cat([positive.unsqueeze(1), sims.gather(1, drawn + (drawn >= own))], dim=1)
+        if drawn is not None:
+            sims = torch.cat([positive.unsqueeze(1), sims.gather(1, drawn[start : start + len(t)].to(t.device))], 1)
         greater, tied = _tie_counts(sims, positive, atol)
         hits += float(_hit(greater, tied, 1, ties).sum())
     return hits / n

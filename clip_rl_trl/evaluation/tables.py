@@ -26,6 +26,7 @@ __all__ = [
 # faithfulness, fluency, diversity. Each is a key of ``evaluate_captions``' result; a table shows those present.
 HEADLINE_METRICS: tuple[str, ...] = (
     "p_at_1_100",
+    "oracle_p_at_1_100",  # the shapes world's exact judge on CLIP's P@1 trials (evaluation/oracle.py)
     "recall_at_1",
     "cider",
     "clip_s",

@@ -12,6 +12,7 @@ and ``attribute_recall`` for faithfulness. The grammar is the one ``ShapesWorld`
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 from clip_rl_trl.data.shapes.world import (
@@ -102,8 +103,10 @@ class ShapesLanguage:
         """
         check_scene(scene)
         parsed = cls.parse(caption)
-        if parsed is None:
-            return None
+        return None if parsed is None else cls._counts(parsed, scene)
+
+    @staticmethod
+    def _counts(parsed: dict[str, Any], scene: Scene) -> tuple[int, int, int]:
         mentioned, actual = parsed["objects"], scene["objects"]
         best = 0
         for perm in itertools.permutations(range(len(actual)), min(len(mentioned), len(actual))):
@@ -126,6 +129,17 @@ class ShapesLanguage:
         """
         counts = cls._matched_counts(caption, scene)
         return 0.0 if counts is None else counts[0] / counts[1]
+
+    @classmethod
+    def consistent(cls, caption: str, scenes: Sequence[Scene]) -> list[bool] | None:
+        """For each scene, whether everything ``caption`` says is true of it (attribute precision 1): what a
+        perfect reader of the grammar can check. None when the caption is not a sentence of the grammar."""
+        parsed = cls.parse(caption)
+        if parsed is None:
+            return None
+        for scene in scenes:
+            check_scene(scene)
+        return [correct == mentioned for correct, mentioned, _ in (cls._counts(parsed, s) for s in scenes)]
 
     @classmethod
     def attribute_recall(cls, caption: str, scene: Scene) -> float:
