@@ -322,11 +322,10 @@ def evaluate(run: Run, model: Any, dataset: Any = None, similarity: str = "capti
 
     args = run.recipe.training
     tokenizer = getattr(run.processing_class, "tokenizer", run.processing_class)
-    generation = {"do_sample": False, "num_beams": args.eval_num_beams, "max_new_tokens": args.max_completion_length}
     return evaluate_policy(
         unwrap_peft(model), run.policy, run.test if dataset is None else dataset, tokenizer=tokenizer,
         scorer=run.scorer, cache=run.cache, id_column=args.image_id_column, captions_column=args.captions_column,
-        batch_size=args.per_device_eval_batch_size, generation=generation, language=run.language,
+        batch_size=args.per_device_eval_batch_size, generation=args.generation_settings("eval"), language=run.language,
         train_captions=[c for caps in run.train[args.captions_column] for c in caps], similarity=similarity,
         coco_metrics=coco_metrics, seed=args.seed,
     )

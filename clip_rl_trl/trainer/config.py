@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import GRPOConfig
 
@@ -70,6 +71,24 @@ class CaptionRLConfig(GRPOConfig):
     gather_rewards_across_processes: bool = field(
         default=True, metadata={"help": "rewards compare captions across the global batch"}
     )
+
+    def generation_settings(self, mode: str = "eval", greedy: bool = False) -> dict[str, Any]:
+        """``policy.generate`` settings: beam search for ``mode="eval"`` (the trainer's evaluations and the
+        report alike), else the training decoding (greedy with ``greedy`` or ``train_decoding="greedy"``)."""
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_completion_length, **(self.generation_kwargs or {})}
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if mode == "eval":
+            kwargs.update(do_sample=False, num_beams=self.eval_num_beams)
+        elif greedy or self.train_decoding == "greedy":
+            kwargs.update(do_sample=False, num_beams=1)
+        else:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_k=self.top_k or 0)
+            if self.top_p is not None:
+                kwargs["top_p"] = self.top_p
+            if self.min_p is not None:
+                kwargs["min_p"] = self.min_p
+        return kwargs
 
     def __getstate__(self) -> dict:
         # HF pickles the arguments into training_args.bin in the model folder and in every checkpoint, which `push`

@@ -235,26 +235,8 @@ class CaptionRLTrainer(GRPOTrainer):
             for row, m in zip(ids, mask, strict=True)
         ]
 
-    def _generation_kwargs(self, mode: str, greedy: bool = False) -> dict[str, Any]:
-        """``policy.generate`` settings: beam search for evaluation, else the training decoding."""
-        args = self.args
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_completion_length, **(args.generation_kwargs or {})}
-        if args.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = args.repetition_penalty
-        if mode == "eval":
-            kwargs.update(do_sample=False, num_beams=args.eval_num_beams)
-        elif greedy or args.train_decoding == "greedy":
-            kwargs.update(do_sample=False, num_beams=1)
-        else:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_k=self.top_k or 0)
-            if self.top_p is not None:
-                kwargs["top_p"] = self.top_p
-            if args.min_p is not None:
-                kwargs["min_p"] = args.min_p
-        return kwargs
-
     def _captions(self, image_inputs: dict[str, torch.Tensor], mode: str, greedy: bool = False) -> torch.Tensor:
-        kwargs = self._generation_kwargs(mode, greedy)
+        kwargs = self.args.generation_settings(mode, greedy)
         unwrapped = self.accelerator.unwrap_model(self.model)
         was_training = unwrapped.training
         unwrapped.eval()
@@ -550,7 +532,7 @@ class CaptionRLTrainer(GRPOTrainer):
             self.accelerator.unwrap_model(self.model), self.policy, dataset, tokenizer=self.caption_tokenizer,
             scorer=self.scorer, cache=self.image_cache, id_column=args.image_id_column,
             captions_column=args.captions_column, batch_size=args.per_device_eval_batch_size,
-            generation=self._generation_kwargs("eval"), language=self.world,
+            generation=args.generation_settings("eval"), language=self.world,
             train_captions=self._train_captions or None, coco_metrics=args.eval_coco_metrics, seed=args.seed,
             groups_memo=self._groups_memo,
         )
