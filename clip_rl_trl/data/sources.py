@@ -9,27 +9,22 @@ whose :meth:`DataSource.claims` accepts ``dataset_name``. A new source is one cl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import datasets
 
 from clip_rl_trl.configs import DataConfig
-from clip_rl_trl.importing import import_dotted
+from clip_rl_trl.importing import lookup_instance, register_instance
 
 __all__ = ["SOURCES", "DataSource", "data_source", "load_split", "register_source"]
 
 SOURCES: dict[str, DataSource] = {}
 
 
-def register_source(name: str):
+def register_source(name: str) -> Callable[[type], type]:
     """Class decorator: register a :class:`DataSource` subclass under ``name``; later ones are asked first."""
-
-    def add(cls: type[DataSource]) -> type[DataSource]:
-        cls.name = name
-        SOURCES[name] = cls()
-        return cls
-
-    return add
+    return register_instance(SOURCES, name)
 
 
 class DataSource:
@@ -152,16 +147,8 @@ class ShapesSource(DataSource):
 
 def data_source(config: DataConfig) -> DataSource:
     """The source named by ``config.dataset_source``, or the first that claims ``config.dataset_name``."""
-    name = config.dataset_source
-    if name is not None:
-        if name in SOURCES:
-            return SOURCES[name]
-        if "." not in name:
-            raise ValueError(f"dataset_source: {name!r}; registered sources: {sorted(SOURCES)}")
-        target = import_dotted(name, "dataset_source", sorted(SOURCES))
-        if not (isinstance(target, type) and issubclass(target, DataSource)):
-            raise ValueError(f"dataset_source {name!r} is not a DataSource subclass")
-        return target()
+    if config.dataset_source is not None:
+        return lookup_instance(SOURCES, config.dataset_source, DataSource, "dataset_source", "sources")
     return next(s for s in reversed(SOURCES.values()) if s.claims(config))
 
 

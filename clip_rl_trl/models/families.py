@@ -14,6 +14,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from clip_rl_trl.embeddings import ImageEmbeddingCache
-from clip_rl_trl.importing import import_dotted
+from clip_rl_trl.importing import lookup_instance, register_instance
 from clip_rl_trl.models.clipcap import GPT2_LORA_TARGETS
 from clip_rl_trl.models.policies import (
     BlipPolicy,
@@ -37,27 +38,14 @@ __all__ = ["FAMILIES", "BlipFamily", "CaptionerFamily", "ClipCapFamily", "VLMFam
 FAMILIES: dict[str, CaptionerFamily] = {}
 
 
-def register_family(name: str):
+def register_family(name: str) -> Callable[[type], type]:
     """Class decorator: register a :class:`CaptionerFamily` subclass under ``name`` (one instance is kept)."""
-
-    def add(cls: type[CaptionerFamily]) -> type[CaptionerFamily]:
-        cls.name = name
-        FAMILIES[name] = cls()
-        return cls
-
-    return add
+    return register_instance(FAMILIES, name)
 
 
 def family(name: str) -> CaptionerFamily:
     """The registered family ``name``, or the :class:`CaptionerFamily` subclass at a dotted import path."""
-    if name in FAMILIES:
-        return FAMILIES[name]
-    if "." not in name:
-        raise ValueError(f"captioner_family: {name!r}; registered families: {sorted(FAMILIES)}")
-    target = import_dotted(name, "captioner_family", sorted(FAMILIES))
-    if not (isinstance(target, type) and issubclass(target, CaptionerFamily)):
-        raise ValueError(f"captioner_family {name!r} is not a CaptionerFamily subclass")
-    return target()
+    return lookup_instance(FAMILIES, name, CaptionerFamily, "captioner_family", "families")
 
 
 def _pretrained_kwargs(config: Any) -> dict[str, Any]:
