@@ -28,10 +28,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from long_training import recipe_args  # benchmarks/: one way to write a recipe's overrides as flags
 
 KEYS = ("p_at_1_100", "recall_at_1", "grammar_valid", "attribute_precision", "attribute_recall", "distinct_2",
         "clip_s")
@@ -49,22 +50,6 @@ RENAMED = {
     "bidirectional_weight": "reward_weights", "discriminator_weight": "reward_weights",
     "discriminator_lr": "reward_kwargs (discriminator: {lr: ...})",
 }
-
-
-def recipe_args(fields: Mapping[str, Any]) -> list[str]:
-    """``{field: value}`` -> ``["--field", "value", ...]``, the command-line overrides of a recipe."""
-    argv: list[str] = []
-    for key, value in fields.items():
-        argv.append(f"--{key}")
-        if isinstance(value, (list, tuple)):
-            argv += [str(v) for v in value]
-        elif isinstance(value, Mapping):
-            argv.append(json.dumps(value))
-        elif isinstance(value, bool):
-            argv.append(str(value).lower())
-        else:
-            argv.append(str(value))
-    return argv
 
 
 def point_recipe(name: str, changes: dict, **extra: Any) -> Any:

@@ -72,7 +72,8 @@ def _scorer(args: argparse.Namespace):
             )
         from clip_rl_trl.data.sources import data_source
 
-        scorer = data_source(_data_config(args)).judge(_data_config(args), True, progress=True)
+        config = _data_config(args)
+        scorer = data_source(config).judge(config, True, progress=True)
     else:
         try:
             scorer = ClipScorer.from_open_clip(args.clip, pretrained=args.pretrained, device=args.device)
@@ -284,7 +285,8 @@ def _evaluate_file(args: argparse.Namespace) -> None:
         raise CliError(f"-k {args.k}: {err}") from err
     from clip_rl_trl.data.sources import data_source
 
-    world = data_source(_data_config(args)).language(_data_config(args))
+    config = _data_config(args)
+    world = data_source(config).language(config)
     scenes = rows["scene"] if world is not None else None
     try:
         metrics = evaluate_captions(
