@@ -12,7 +12,8 @@ from clip_rl_trl.configs import (
     parse_recipe,
 )
 from clip_rl_trl.data import load_hub_captions, load_karpathy
-from clip_rl_trl.data.shapes import ShapesLanguage, ShapesWorld
+from clip_rl_trl.data.shapes import ShapesLanguage, ShapesWorld, train_shapes_clip
+from clip_rl_trl.data.sources import SOURCES, DataSource, load_split, register_source
 from clip_rl_trl.embeddings import ImageEmbeddingCache
 from clip_rl_trl.evaluation import evaluate_captions, format_table, mean_std, write_report
 from clip_rl_trl.models import ClipCapConfig, ClipCapModel
@@ -46,6 +47,11 @@ from clip_rl_trl.trainer import CaptionRLConfig, CaptionRLTrainer
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "SOURCES",
+    "DataSource",
+    "load_split",
+    "register_source",
+    "train_shapes_clip",
     "FAMILIES",
     "REWARDS",
     "CaptionerFamily",

@@ -1,13 +1,15 @@
-"""The evaluation suite: CLIP retrieval, Group Embedding Gap, CLIP-S, COCO caption metrics, diversity; reports;
-and the shapes judge's own retrieval check, ``evaluate_shapes_clip``."""
+"""The evaluation suite: CLIP retrieval, Group Embedding Gap, CLIP-S, COCO caption metrics, diversity, the shapes
+world's exact oracle; reports; and the shapes judge's own retrieval check, ``evaluate_shapes_clip``."""
 
+from clip_rl_trl.evaluation.captioning import evaluate_policy
 from clip_rl_trl.evaluation.diversity import distinct_n, novelty, self_bleu, vocab_size
 from clip_rl_trl.evaluation.evaluate import evaluate_captions
 from clip_rl_trl.evaluation.judge import evaluate_shapes_clip
 from clip_rl_trl.evaluation.nlg import coco_caption_metrics
+from clip_rl_trl.evaluation.oracle import oracle_at_1, oracle_metrics
 from clip_rl_trl.evaluation.plots import TRAINING_KEYS, caption_grid, plot_tradeoff, plot_training
 from clip_rl_trl.evaluation.report import write_report
-from clip_rl_trl.evaluation.retrieval import precision_at_1, recall_at_k
+from clip_rl_trl.evaluation.retrieval import distractor_indices, precision_at_1, recall_at_k
 from clip_rl_trl.evaluation.tables import HEADLINE_METRICS, format_table, headline_table, mean_std
 
 __all__ = [
@@ -16,12 +18,16 @@ __all__ = [
     "caption_grid",
     "coco_caption_metrics",
     "distinct_n",
+    "distractor_indices",
     "evaluate_captions",
+    "evaluate_policy",
     "evaluate_shapes_clip",
     "format_table",
     "headline_table",
     "mean_std",
     "novelty",
+    "oracle_at_1",
+    "oracle_metrics",
     "plot_tradeoff",
     "plot_training",
     "precision_at_1",
