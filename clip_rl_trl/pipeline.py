@@ -294,7 +294,6 @@ def build_trainer(recipe: Recipe, progress: bool = True, run: Run | None = None)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     args.disable_tqdm = args.disable_tqdm or not progress
-    run.family.adjust_training(args, recipe.captioner)
     try:
         trainer = CaptionRLTrainer(
             model=run.model,
@@ -302,7 +301,7 @@ def build_trainer(recipe: Recipe, progress: bool = True, run: Run | None = None)
             args=args,
             train_dataset=_rows(run, run.train),
             eval_dataset=_rows(run, run.eval),
-            processing_class=run.family.trainer_processing_class(run.processing_class),
+            processing_class=run.processing_class,
             image_cache=run.cache,
             scorer=run.scorer,
             policy=run.policy,

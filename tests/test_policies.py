@@ -37,6 +37,7 @@ from clip_rl_trl.models.policies import (
     CausalVLMPolicy,
     ClipCapPolicy,
     completion_mask,
+    unwrap_peft,
 )
 
 BLIP_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # BLIP's BERT specials, [DEC] = BOS
@@ -417,3 +418,25 @@ def test_llava_trains_in_caption_rl_trainer(setup, tmp_path) -> None:
         policy=CausalVLMPolicy(processor, prompt="<image>"),
     )
     _train(trainer)
+
+
+def test_blip_processor_with_lora_and_gradient_checkpointing_trains(setup, tmp_path) -> None:
+    """A BlipProcessor as processing_class (as TRL users pass it) and LoRA under TRL's default gradient
+    checkpointing: the adapters change, the loss is finite, and the trainer keeps the processor for saving."""
+    from peft import LoraConfig
+
+    data, scorer, cache = setup
+    tok = blip_tokenizer()
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    trainer = CaptionRLTrainer(
+        model=blip_model(tok), reward_funcs=[BidirectionalReward(scorer, cache)],
+        args=tiny_rl_args(tmp_path, gradient_checkpointing=True, gt_loss_weight=0.5), train_dataset=data,
+        processing_class=processor, peft_config=LoraConfig(r=4, target_modules=r".*text_decoder.*\.(query|value)"),
+    )
+    assert trainer.processing_class is processor and isinstance(trainer.policy, BlipPolicy)
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    trainer.train()
+    assert unwrap_peft(trainer.model).text_decoder.bert.encoder.gradient_checkpointing  # enabled by train()
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+    assert any(not torch.equal(p, lora[n]) for n, p in trainer.model.named_parameters() if n in lora)

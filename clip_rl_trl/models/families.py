@@ -81,10 +81,6 @@ class CaptionerFamily:
                id_column: str, image_column: str, prompt: str | None = None) -> CaptionPolicy:
         raise NotImplementedError
 
-    def trainer_processing_class(self, processing_class: Any) -> Any:
-        """What the trainer receives as ``processing_class`` (the processor itself, unless a family says not)."""
-        return processing_class
-
     def peft_config(self, config: Any) -> Any:
         """LoRA from TRL's ``get_peft_config``, on the family's default targets unless the recipe names some.
 
@@ -106,9 +102,6 @@ class CaptionerFamily:
 
     def check_judge(self, model: nn.Module, scorer: Any) -> None:
         """Refuse a captioner that cannot read this judge's embeddings (ClipCap's prefix)."""
-
-    def adjust_training(self, args: Any, config: Any) -> None:
-        """Training settings the family cannot work with, changed before the trainer is built."""
 
 
 @register_family("clipcap")
@@ -189,16 +182,6 @@ class BlipFamily(CaptionerFamily):
             return BlipPolicy(processing_class.tokenizer, config, processing_class.image_processor, image_column,
                               prompt=prompt)
         return BlipPolicy(processing_class, config, image_column=image_column, prompt=prompt)
-
-    def adjust_training(self, args: Any, config: Any) -> None:
-        if config.use_peft:
-            # With PEFT, gradient checkpointing makes the input embeddings a leaf that requires grad, and BLIP's
-            # vision embeddings add their position embeddings in place: the backward pass fails.
-            args.gradient_checkpointing = False
-
-    def trainer_processing_class(self, processing_class: Any) -> Any:
-        # GRPOTrainer reads `config.image_token_id` for any processor and BLIP's config has none.
-        return getattr(processing_class, "tokenizer", processing_class)
 
 
 @register_family("vlm")

@@ -50,6 +50,7 @@ from clip_rl_trl.trainer.checkpoints import (
     write_marker,
 )
 from clip_rl_trl.trainer.config import CaptionRLConfig
+from clip_rl_trl.trainer.input_grads import embeddings_require_grad
 from clip_rl_trl.trainer.model_card import CARD_SETTINGS, captioner_details, model_card_text
 from clip_rl_trl.trainer.selection import check_selection, selection_score
 
@@ -145,13 +146,19 @@ class CaptionRLTrainer(GRPOTrainer):
                 args=args,
                 train_dataset=train_dataset,
                 eval_dataset=eval_dataset,
-                processing_class=processing_class,
+                # GRPOTrainer reads a processor's `config.image_token_id` (BLIP has none) and would treat the
+                # model as a TRL VLM; the policy handles images, so TRL gets the tokenizer. Checkpoints and the
+                # saved model keep the processor (restored below), as a reload needs it.
+                processing_class=self.caption_tokenizer,
                 callbacks=callbacks,
                 optimizers=optimizers,
                 peft_config=peft_config,
             )
         finally:
             args.beta = beta
+        self.processing_class = processing_class
+        if args.gradient_checkpointing and isinstance(self.model, PeftModel):
+            embeddings_require_grad(self.model)
         self.beta = beta
         self.ref_model = None if reference is None else reference.to(self.accelerator.device)
         self._loss_image_inputs: dict[str, torch.Tensor] | None = None
