@@ -299,7 +299,10 @@ def test_evaluate_captions_by_hand() -> None:
     assert result["refclip_s"] == pytest.approx((2 * 2 * 2.5 / 3.5 + 0) / 3)
     assert result["novelty"] == pytest.approx(2 / 3)
     assert result["vocab_size"] == 3 and result["distinct_1"] == 1.0 and result["distinct_2"] == 0.0
-    assert set(result["skipped"]) == set(NLG_KEYS) | {"spice"} | set(SHAPES_KEYS)
+    assert result["unique_share"] == 1.0
+    # CIDErBtw: no caption shares a word with its group's references ("c0" against "r1", "r2", "r2").
+    assert result["cider_btw"] == 0.0
+    assert set(result["skipped"]) == set(NLG_KEYS) | {"spice", "self_cider"} | set(SHAPES_KEYS)
     assert result["skipped"]["bleu_1"] == "coco_metrics=False"
     # One pass for the raw captions, one for the distinct prompted captions and references.
     assert fake.calls == [
@@ -318,6 +321,8 @@ def test_evaluate_captions_without_prompt_reuses_the_raw_pass() -> None:
         "geg_min",
         "refclip_s",
         "novelty",
+        "cider_btw",
+        "self_cider",
         *NLG_KEYS,
         "spice",
         *SHAPES_KEYS,
@@ -419,7 +424,7 @@ def test_evaluate_captions_end_to_end_with_tiny_clip(scorer: ClipScorer, monkeyp
     assert 0 < result["refclip_s"] <= 2.5
     assert result["novelty"] == pytest.approx(11 / 12)
     assert result["vocab_size"] == 6 + 12 and result["self_bleu"] > 0.5
-    assert set(result["skipped"]) == {"spice", *SHAPES_KEYS}
+    assert set(result["skipped"]) == {"spice", "self_cider", *SHAPES_KEYS}
     if Path("/proc").is_dir():
         assert _java_children() == []  # the tokenizer and METEOR JVMs are gone, not zombies
 

@@ -1,4 +1,5 @@
-"""Diversity of a set of generated captions: vocabulary, distinct-n, novelty, self-BLEU (pure Python, no Java).
+"""Diversity of a set of generated captions: vocabulary, unique captions, distinct-n, novelty, self-BLEU (pure
+Python, no Java).
 
 Every function splits captions into lowercased words with :func:`words` (runs of letters and digits, inner
 apostrophes kept), so "A red circle." and "a red circle" are the same caption here.
@@ -11,7 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-__all__ = ["distinct_n", "novelty", "self_bleu", "vocab_size", "words"]
+__all__ = ["distinct_n", "novelty", "self_bleu", "unique_share", "vocab_size", "words"]
 
 _WORD = re.compile(r"\w+(?:'\w+)*")
 
@@ -41,6 +42,26 @@ def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
 def vocab_size(captions: Sequence[str]) -> int:
     """Number of distinct words over all captions."""
     return len({w for tokens in _tokenized(captions) for w in tokens})
+
+
+def unique_share(captions: Sequence[str]) -> float:
+    r"""Share of the captions that are distinct: distinct captions / number of captions.
+
+    .. math:: \text{unique share} = \frac{|\{\mathrm{words}(c_i)\}_{i=1}^N|}{N}
+
+    Captions are compared as word sequences (:func:`words`), so "A red circle." and "a red circle" are one caption.
+    1.0 when every image gets its own caption; 1/N when a captioner writes the same caption for every image (the
+    collapse "a circle" for every scene). Captioning papers report this share of distinct captions beside the
+    vocabulary size (:func:`vocab_size`); no single paper's definition is followed here, and comparing word
+    sequences rather than raw strings is this library's choice.
+
+    Raises:
+        ValueError: no captions.
+    """
+    tokenized = _tokenized(captions)
+    if not tokenized:
+        raise ValueError("unique_share needs at least one caption, got none")
+    return len({tuple(tokens) for tokens in tokenized}) / len(tokenized)
 
 
 def distinct_n(captions: Sequence[str], n: int) -> float:

@@ -10,10 +10,12 @@ import torch
 from torch import Tensor
 
 from clip_rl_trl.clip import ClipScorer
-from clip_rl_trl.evaluation.diversity import distinct_n, novelty, self_bleu, vocab_size
+from clip_rl_trl.evaluation.distinctiveness import check_samples, cider_btw, self_cider_scores
+from clip_rl_trl.evaluation.diversity import distinct_n, novelty, self_bleu, unique_share, vocab_size
 from clip_rl_trl.evaluation.nlg import NLG_KEYS, check_refs, coco_caption_metrics
 from clip_rl_trl.evaluation.oracle import oracle_metrics
 from clip_rl_trl.evaluation.retrieval import check_embeddings, precision_at_1, recall_at_k
+from clip_rl_trl.rewards.cider import CiderD
 from clip_rl_trl.rewards.functional import clip_s, group_embedding_gap, refclip_s
 
 __all__ = ["evaluate_captions"]
@@ -130,6 +132,7 @@ def evaluate_captions(
     clip_s_weight: float = 2.5,
     coco_metrics: bool = True,
     spice: bool = True,
+    samples: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate N generated captions, one per image, with every metric of the suite.
 
@@ -156,13 +159,16 @@ def evaluate_captions(
         clip_s_weight: CLIPScore's ``w`` (2.5).
         coco_metrics: ``False`` skips BLEU / METEOR / ROUGE-L / CIDEr / SPICE (METEOR starts a JVM: seconds).
         spice: ``False`` skips SPICE.
+        samples: N lists of m >= 2 captions per image (e.g. m sampled captions each): enables ``self_cider``.
 
     Returns:
         A flat dict of floats (``vocab_size`` is an int), with the keys ``recall_at_K``, ``i2t_recall_at_K``,
-        ``p_at_1_<n>``, ``geg_avg``, ``geg_min``, ``clip_s``, ``refclip_s``, ``bleu_1``..``bleu_4``, ``meteor``,
-        ``rouge_l``, ``cider``, ``spice``, ``vocab_size``, ``distinct_1``, ``distinct_2``, ``novelty``,
-        ``self_bleu``, ``grammar_valid``, ``attribute_precision``, ``attribute_recall``, and ``skipped``: a dict
-        from each metric that is absent to the reason (also logged, once per reason).
+        ``p_at_1_<n>``, ``geg_avg``, ``geg_min``, ``cider_btw``, ``clip_s``, ``refclip_s``, ``bleu_1``..``bleu_4``,
+        ``meteor``, ``rouge_l``, ``cider``, ``spice``, ``vocab_size``, ``unique_share``, ``distinct_1``,
+        ``distinct_2``, ``novelty``, ``self_bleu``, ``self_cider``, ``grammar_valid``, ``attribute_precision``,
+        ``attribute_recall``, the exact oracle's ``oracle_p_at_1_<n>``, ``oracle_recall_at_1`` and
+        ``oracle_p_at_1_similar`` (a world with ``consistent``), and ``skipped``: a dict from each metric that is
+        absent to the reason (also logged, once per reason).
     """
     captions = _check_captions(captions)
     n = len(captions)
@@ -179,6 +185,10 @@ def evaluate_captions(
         )
     if scenes is not None and len(scenes) != n:
         raise ValueError(f"got {n} captions but {len(scenes)} scenes")
+    if samples is not None:
+        samples = check_samples(samples)
+        if len(samples) != n:
+            raise ValueError(f"got {n} captions but {len(samples)} sample lists: samples[i] are image i's captions")
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
     prompt = prompt or ""
@@ -214,6 +224,16 @@ def evaluate_captions(
         results["geg_avg"] = float(group_embedding_gap(txt, img, group_emb, reduce="avg").mean())
         results["geg_min"] = float(group_embedding_gap(txt, img, group_emb, reduce="min").mean())
 
+    # CIDErBtw (Wang et al. 2020): CIDEr-D against the references of the same similar-image groups; lower is more
+    # distinctive. Document frequencies from the references given (evaluation/distinctiveness.py).
+    corpus = CiderD(refs, normalize=True) if refs is not None else None
+    if corpus is None:
+        _skip(skipped, ("cider_btw",), "no references given (refs=None)")
+    elif groups is None:
+        _skip(skipped, ("cider_btw",), "no similar-image groups given (groups=None)")
+    else:
+        results["cider_btw"] = cider_btw(captions, refs, groups, corpus)
+
     # CLIP-S / RefCLIP-S (Hessel et al. 2021), with CLIPScore's prompt on captions and references.
     results["clip_s"] = float(clip_s(img, txt_s, w=clip_s_weight).mean())
     if refs is None:
@@ -246,6 +266,7 @@ def evaluate_captions(
 
     # Diversity of the caption set.
     results["vocab_size"] = vocab_size(captions)
+    results["unique_share"] = unique_share(captions)
     results["distinct_1"] = distinct_n(captions, 1)
     results["distinct_2"] = distinct_n(captions, 2)
     if train_captions is None:
@@ -253,6 +274,18 @@ def evaluate_captions(
     else:
         results["novelty"] = novelty(captions, train_captions)
     results["self_bleu"] = self_bleu(captions)
+    # Self-CIDEr (Wang and Chan 2019): diversity of the m captions of each image, averaged over the images.
+    if samples is None:
+        _skip(skipped, ("self_cider",), "needs several captions per image: pass samples= (N lists of m >= 2 "
+              "captions)")
+    else:
+        per_image = self_cider_scores(samples, corpus if corpus is not None else CiderD(samples, normalize=True))
+        defined = [v for v in per_image if v is not None]
+        if defined:
+            results["self_cider"] = sum(defined) / len(defined)
+        else:
+            _skip(skipped, ("self_cider",), "Self-CIDEr is undefined for every image: all sampled captions have "
+                  "all-zero tf-idf vectors (empty, or only n-grams found in every document)", warn=True)
 
     # Shapes world: fluency (does the caption parse?) and faithfulness against the scene.
     shapes_keys = ("grammar_valid", "attribute_precision", "attribute_recall")
