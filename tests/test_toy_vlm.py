@@ -150,3 +150,23 @@ def test_shapes_world_size_and_names():
         toy_kind("toy:nope")
     with pytest.raises(ValueError, match="multiple of 8"):
         build_toy_vlm("idefics3", image_size=36)
+
+
+def test_teacher_forced_logits_match_generation(toy):
+    """One forward over prompt + caption (``mm_token_type_ids`` extended with zeros) gives the logits generation
+    sampled from, on left-padded rows too (Qwen's 48x32 image has fewer image tokens): what GRPO's ratio needs."""
+    kind, model, processor = toy
+    tok = processor.tokenizer
+    enc = _encode(processor)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=5, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, eos_token_id=tok.eos_token_id)
+        n = enc["input_ids"].shape[1]
+        ids = out.sequences[:, n:]
+        full = {**enc, "input_ids": out.sequences,
+                "attention_mask": torch.cat([enc["attention_mask"], torch.ones_like(ids)], dim=1)}
+        if "mm_token_type_ids" in enc:
+            full["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(ids)], dim=1)
+        logits = model(**full, logits_to_keep=ids.shape[1] + 1).logits[:, :-1]
+    assert (enc["attention_mask"] == 0).any() == kind.startswith("qwen")
+    assert torch.allclose(logits, torch.stack(out.logits, dim=1), atol=1e-5)
