@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from clip_rl_trl.neighbors import SIMILARITIES
+from clip_rl_trl.study.cli import StudyError, add_study_parser
 
 
 class CliError(Exception):
@@ -459,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_push(sub)
+    add_study_parser(sub)
     return parser
 
 
@@ -581,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.recipe_args = rest
     try:
         args.func(args)
-    except CliError as err:
+    except (CliError, StudyError) as err:
         print(f"clip-rl-trl {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
