@@ -6,7 +6,14 @@ import math
 import pytest
 from PIL import Image, ImageDraw
 
-from clip_rl_trl.evaluation.plots import TRAINING_KEYS, caption_grid, plot_tradeoff, plot_training
+from clip_rl_trl.evaluation.plots import (
+    TRAINING_KEYS,
+    caption_grid,
+    oracle_candidates,
+    plot_judges,
+    plot_tradeoff,
+    plot_training,
+)
 from clip_rl_trl.evaluation.report import write_report
 from clip_rl_trl.evaluation.tables import HEADLINE_METRICS, format_table, headline_table, mean_std
 
@@ -346,3 +353,65 @@ def test_a_failed_report_leaves_no_half_written_files(tmp_path, monkeypatch) -> 
                          captions=[{"image_id": 1, "before": "a", "after": "b"}])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.jsonl", "report.json", "report.md"]
     assert files["json"] == tmp_path / "report.json"
+
+
+# ---- CLIP beside the exact oracle ------------------------------------------------------------------------------
+
+
+def oracle_history() -> list[dict]:
+    train = [{"step": s, "reward": s / 100} for s in range(10, 110, 10)]
+    evals = [{"step": s, "eval/p_at_1_100": 0.5 + s / 250, "eval/oracle_p_at_1_100": 0.3 + s / 300}
+             for s in (0, 50, 100)]
+    return train + evals
+
+
+def test_oracle_candidates():
+    assert oracle_candidates({"p_at_1_100": 1, "oracle_p_at_1_100": 1, "oracle_p_at_1_10": 1}) == [100]
+    assert oracle_candidates({"eval/p_at_1_100": 1, "eval/oracle_p_at_1_100": 1}, "eval/") == [100]
+    assert oracle_candidates({"p_at_1_100": 1, "oracle_recall_at_1": 1}) == []
+
+
+def test_plot_judges_panels_and_errors(tmp_path):
+    before = {"p_at_1_100": 0.485, "oracle_p_at_1_100": 0.29}
+    after = {"p_at_1_100": 0.975, "oracle_p_at_1_100": 0.6325}
+    with Image.open(plot_judges(tmp_path / "bars.png", before=before, after=after)) as bars:
+        one = bars.size
+    with Image.open(plot_judges(tmp_path / "both.png", before=before, after=after, history=oracle_history())) as both:
+        assert both.width > 1.7 * one[0] and both.format == "PNG"  # two panels side by side
+    with Image.open(plot_judges(tmp_path / "curves.png", history=oracle_history())) as curves:
+        assert curves.width > 300
+    with pytest.raises(ValueError, match="before and after go together"):
+        plot_judges(tmp_path / "x.png", before=before)
+    with pytest.raises(ValueError, match="needs before and after, or a history"):
+        plot_judges(tmp_path / "x.png")
+    with pytest.raises(ValueError, match="after has no 'oracle_p_at_1_100'"):
+        plot_judges(tmp_path / "x.png", before=before, after={"p_at_1_100": 0.9})
+    with pytest.raises(TypeError, match="finite number"):
+        plot_judges(tmp_path / "x.png", before=before, after={**after, "oracle_p_at_1_100": float("nan")})
+    with pytest.raises(ValueError, match="no history entry has 'eval/oracle_p_at_1_100'"):
+        plot_judges(tmp_path / "x.png", history=history())
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_write_report_puts_the_oracle_beside_clip(tmp_path):
+    before = {**BEFORE, "oracle_p_at_1_100": 0.02, "oracle_recall_at_1": 0.01}
+    after = {**AFTER, "oracle_p_at_1_100": 0.25, "oracle_recall_at_1": 0.2}
+    paths = write_report(tmp_path, before=before, after=after, captions=records(4), history=oracle_history())
+    assert set(paths) == {"json", "captions", "markdown", "training_plot", "judges_plot"}
+    with Image.open(paths["judges_plot"]) as image:
+        assert image.format == "PNG"
+    md = paths["markdown"].read_text()
+    assert "## CLIP vs the exact oracle" in md and "](judges.png)" in md
+    header = next(line for line in md.splitlines() if "CLIP P@1/100" in line)
+    assert [c.strip() for c in header.strip("|").split("|")] == ["", "CLIP P@1/100", "oracle P@1/100",
+                                                                 "CLIP - oracle"]
+    rows = [line for line in md.splitlines() if line.startswith("| before") or line.startswith("| after")]
+    # The main table lists the oracle right after CLIP's P@1 (HEADLINE_METRICS order) ...
+    assert [c.strip() for c in rows[0].strip("|").split("|")][:3] == ["before", "0.050", "0.020"]
+    assert [c.strip() for c in rows[1].strip("|").split("|")][:3] == ["after", "0.410", "0.250"]
+    # ... and the judges' table gives both and the gap.
+    assert [c.strip() for c in rows[2].strip("|").split("|")] == ["before", "0.050", "0.020", "0.030"]
+    assert [c.strip() for c in rows[3].strip("|").split("|")] == ["after", "0.410", "0.250", "0.160"]
+    # Without oracle metrics on both sides there is no judges figure.
+    plain = write_report(tmp_path / "plain", before=before, after=AFTER, captions=records(2))
+    assert "judges_plot" not in plain and "CLIP vs the exact oracle" not in plain["markdown"].read_text()

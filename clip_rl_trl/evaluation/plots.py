@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
-__all__ = ["TRAINING_KEYS", "caption_grid", "plot_tradeoff", "plot_training"]
+__all__ = ["TRAINING_KEYS", "caption_grid", "oracle_candidates", "plot_judges", "plot_tradeoff", "plot_training"]
 
 # The training curves plotted by default (``plot_training``, ``write_report``), those the history holds: TRL's
 # mean total reward, then each headline metric as the trainer's evaluations log it ("eval/<name>"; a run that
@@ -150,6 +151,110 @@ def logged_training_keys(history: Sequence[Mapping[str, Any]]) -> list[str]:
     """The keys of ``TRAINING_KEYS`` that some entry of ``history`` holds, in that order."""
     logged = {k for entry in history if isinstance(entry, Mapping) for k in entry}
     return [k for k in TRAINING_KEYS if k in logged]
+
+
+_ORACLE_P_AT_1 = re.compile(r"oracle_p_at_1_(\d+)")
+
+
+def oracle_candidates(metrics: Mapping[str, Any], prefix: str = "") -> list[int]:
+    """The n for which ``metrics`` holds both ``<prefix>p_at_1_<n>`` (CLIP) and ``<prefix>oracle_p_at_1_<n>``
+    (the exact oracle on the same trials), in order of appearance; ``prefix="eval/"`` reads a trainer's log."""
+    found = []
+    for key in metrics:
+        match = _ORACLE_P_AT_1.fullmatch(key[len(prefix):]) if key.startswith(prefix) else None
+        if match and f"{prefix}p_at_1_{match.group(1)}" in metrics:
+            found.append(int(match.group(1)))
+    return list(dict.fromkeys(found))
+
+
+def _check_side(name: str, metrics: Any, keys: tuple[str, str]) -> tuple[float, float]:
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"{name} must be a mapping of metrics, got {type(metrics).__name__}")
+    values = []
+    for key in keys:
+        if key not in metrics:
+            raise ValueError(f"{name} has no {key!r}; its keys are {sorted(metrics)}")
+        v = metrics[key]
+        if not _is_number(v) or not math.isfinite(v):
+            raise TypeError(f"{name}[{key!r}] is {v!r}, expected a finite number")
+        values.append(float(v))
+    return values[0], values[1]
+
+
+def plot_judges(
+    path: str | os.PathLike[str],
+    *,
+    before: Mapping[str, Any] | None = None,
+    after: Mapping[str, Any] | None = None,
+    history: Sequence[Mapping[str, Any]] | None = None,
+    candidates: int = 100,
+    title: str | None = None,
+) -> Path:
+    """CLIP's P@1 beside the exact oracle's on the same trials: what the judge believes and what is true; a PNG.
+
+    Two panels, each drawn when its data is given: **before / after** (``before`` and ``after``, metric dicts of
+    ``evaluate_captions`` holding ``p_at_1_<candidates>`` and ``oracle_p_at_1_<candidates>``), a bar per judge and
+    side with its value written on it; **over training** (``history``, a ``trainer.state.log_history`` whose
+    evaluations logged ``eval/p_at_1_<candidates>`` and ``eval/oracle_p_at_1_<candidates>``), both curves on one
+    axis with the gap between them shaded. The oracle (``evaluation/oracle.py``) scores a caption on CLIP's own
+    trials by checking everything it says against the scenes, so the shaded gap is CLIP's credit for captions a
+    perfect reader would reject or find ambiguous.
+
+    Raises:
+        ValueError: neither panel has its data (``before`` without ``after``, a history without both curves), a
+            side lacks a key, or ``candidates`` is not a positive int.
+        TypeError: a value is not a finite number.
+    """
+    from matplotlib.figure import Figure
+
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
+        raise ValueError(f"candidates must be an int >= 2, got {candidates!r}")
+    keys = (f"p_at_1_{candidates}", f"oracle_p_at_1_{candidates}")
+    if (before is None) != (after is None):
+        raise ValueError("before and after go together: pass both metric dicts or neither")
+    bars = None
+    if before is not None:
+        bars = (_check_side("before", before, keys), _check_side("after", after, keys))
+    curves = None
+    if history is not None:
+        curves = training_curves(history, [f"eval/{k}" for k in keys])
+    if bars is None and curves is None:
+        raise ValueError("plot_judges needs before and after, or a history, to draw")
+
+    panels = [p for p in ("bars", "curves") if (bars if p == "bars" else curves) is not None]
+    fig = Figure(figsize=(5.2 * len(panels) + (1.4 if "curves" in panels else 0.0), 3.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colours = {"CLIP": "C0", "oracle": "C3"}
+    for ax, panel in zip(axes, panels, strict=True):
+        if panel == "bars":
+            width = 0.38
+            for s, (clip_v, oracle_v) in enumerate(bars):
+                for j, (judge, value) in enumerate((("CLIP", clip_v), ("oracle", oracle_v))):
+                    x = s + (j - 0.5) * width
+                    ax.bar(x, value, width, color=colours[judge], label=judge if s == 0 else None)
+                    ax.annotate(f"{value:.3f}", (x, value), xytext=(0, 2), textcoords="offset points",
+                                ha="center", fontsize=8)
+            ax.set_xticks([0, 1], ["before", "after"])
+            ax.set_ylabel(f"P@1 among {candidates}")
+            ax.set_ylim(0, 1.08)
+            ax.set_title("CLIP vs the exact oracle, same trials", fontsize=10)
+        else:
+            (steps_c, clip_v), (steps_o, oracle_v) = (curves[f"eval/{k}"] for k in keys)
+            ax.plot(steps_c, clip_v, marker="o", markersize=3, color=colours["CLIP"], label=f"CLIP ({keys[0]})")
+            ax.plot(steps_o, oracle_v, marker="o", markersize=3, color=colours["oracle"],
+                    label=f"oracle ({keys[1]})")
+            if steps_c == steps_o:
+                ax.fill_between(steps_c, oracle_v, clip_v, color="gray", alpha=0.2, label="CLIP - oracle")
+            ax.set_xlabel("step")
+            ax.set_ylabel(f"P@1 among {candidates}")
+            ax.set_ylim(0, 1.02)
+            ax.set_title("over training (evaluations)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right" if panel == "curves" else "upper left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def plot_tradeoff(

@@ -1,4 +1,5 @@
-"""The report of a run: ``report.json``, ``captions.jsonl``, ``training.png``, ``captions.png`` and ``report.md``.
+"""The report of a run: ``report.json``, ``captions.jsonl``, ``training.png``, ``judges.png``, ``captions.png`` and
+``report.md``.
 
 ``write_report`` checks everything, then writes the files; the tables come from
 :mod:`clip_rl_trl.evaluation.tables` and the figures from :mod:`clip_rl_trl.evaluation.plots`.
@@ -21,6 +22,8 @@ from clip_rl_trl.evaluation.plots import (
     check_grid,
     draw_training,
     logged_training_keys,
+    oracle_candidates,
+    plot_judges,
     training_curves,
 )
 from clip_rl_trl.evaluation.tables import HEADLINE_METRICS, format_table, markdown_table, md_escape
@@ -86,10 +89,15 @@ def write_report(
     - ``captions.jsonl``: one JSON line per record of ``captions``, as given.
     - ``training.png``: the curves of ``TRAINING_KEYS`` (``"reward"``, ``"eval/<headline metric>"``) that
       ``history`` holds (:func:`~clip_rl_trl.evaluation.plots.plot_training`); only when ``history`` is given.
+    - ``judges.png``: CLIP's P@1 beside the exact oracle's on the same trials
+      (:func:`~clip_rl_trl.evaluation.plots.plot_judges`), before / after and, when ``history`` logged both
+      (``eval/p_at_1_<n>``, ``eval/oracle_p_at_1_<n>``), over training; only when both sides hold
+      ``p_at_1_<n>`` and ``oracle_p_at_1_<n>`` (the shapes world).
     - ``captions.png``: the first ``grid_size`` images with their before / after captions
       (:func:`~clip_rl_trl.evaluation.plots.caption_grid`); only when ``images`` is given.
     - ``report.md``: the title, the before / after / change table (``HEADLINE_METRICS`` first, then the other
-      metrics), the metrics that were not measured and why, the plots, the first 8 caption pairs, and
+      metrics), the metrics that were not measured and why, CLIP's and the oracle's P@1 side by side with their
+      gap, the plots, the first 8 caption pairs, and
       ``extra`` as a key: value list.
 
     Everything is checked before the first file is written, so a bad input leaves no half-written report.
@@ -106,7 +114,8 @@ def write_report(
         grid_size: how many images the caption grid shows.
 
     Returns:
-        ``{"json", "captions", "markdown", "training_plot", "grid"}`` -> path, for the files written.
+        ``{"json", "captions", "markdown", "training_plot", "judges_plot", "grid"}`` -> path, for the files
+        written.
 
     Raises:
         ValueError: a metric is NaN or infinite (named), a caption record lacks ``image_id`` / ``before`` /
@@ -147,6 +156,12 @@ def write_report(
                 f"history has none of the training curves {list(TRAINING_KEYS)}; its keys are {sorted(logged)}"
             )
         curves = training_curves(history, plot_keys)
+    # CLIP's P@1 beside the exact oracle's (shapes world): the n both sides measured, and whether the history has it.
+    both = [n for n in oracle_candidates(before_num) if n in oracle_candidates(after_num)]
+    judges = None
+    if both:
+        logged = {k for entry in history or () if isinstance(entry, Mapping) for k in entry}
+        judges = (both[0], history if both[0] in oracle_candidates(dict.fromkeys(logged), "eval/") else None)
     grid_captions = None
     if images is not None:
         if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
@@ -173,13 +188,13 @@ def write_report(
     try:
         written = _write_files(scratch, report_json(before_num, after_num, before_skipped, after_skipped,
                                                     extra_json), lines, curves, images, grid_captions, title,
-                               captions, extra_json)
+                               captions, extra_json, judges)
         for key in sorted(written, key=lambda k: k == "json"):
             os.replace(written[key], out / written[key].name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {key: out / written[key].name for key in ("json", "captions", "markdown", "training_plot", "grid")
-            if key in written}
+    return {key: out / written[key].name
+            for key in ("json", "captions", "markdown", "training_plot", "judges_plot", "grid") if key in written}
 
 
 def report_json(before_num: dict, after_num: dict, before_skipped: dict, after_skipped: dict,
@@ -194,7 +209,7 @@ def report_json(before_num: dict, after_num: dict, before_skipped: dict, after_s
 
 def _write_files(out: Path, report: dict[str, Any], lines: list[str], curves: Any, images: Any,
                  grid_captions: Any, title: str, captions: Sequence[Mapping[str, Any]],
-                 extra_json: Mapping[str, Any]) -> dict[str, Path]:
+                 extra_json: Mapping[str, Any], judges: tuple[int, Any] | None = None) -> dict[str, Path]:
     before_num, after_num = report["before"], report["after"]
     before_skipped = report.get("skipped", {}).get("before", {})
     after_skipped = report.get("skipped", {}).get("after", {})
@@ -209,6 +224,9 @@ def _write_files(out: Path, report: dict[str, Any], lines: list[str], curves: An
 
     if curves is not None:
         paths["training_plot"] = draw_training(curves, out / "training.png", title)
+    if judges is not None:
+        paths["judges_plot"] = plot_judges(out / "judges.png", before=before_num, after=after_num,
+                                           history=judges[1], candidates=judges[0], title=title)
     if images is not None and grid_captions is not None:
         paths["grid"] = caption_grid(
             images, grid_captions, out / "captions.png", ncols=_GRID_COLUMNS, title=title
@@ -236,6 +254,17 @@ def _write_files(out: Path, report: dict[str, Any], lines: list[str], curves: An
             )
             md.append(f"- `{key}` ({', '.join(sides)}): {md_escape('; '.join(reasons))}")
         md.append("")
+    if judges is not None:
+        n = judges[0]
+        clip_key, oracle_key = f"p_at_1_{n}", f"oracle_p_at_1_{n}"
+        rows = {side: {f"CLIP P@1/{n}": m[clip_key], f"oracle P@1/{n}": m[oracle_key],
+                       "CLIP - oracle": m[clip_key] - m[oracle_key]}
+                for side, m in (("before", before_num), ("after", after_num))}
+        md += ["## CLIP vs the exact oracle", "",
+               f"The same {n}-candidate trials judged by CLIP (the reward's judge) and by the exact oracle (a caption "
+               "counts when everything it says is true of its scene and of no distractor; `evaluation/oracle.py`). "
+               "The gap is what CLIP believes and is not true.", "",
+               format_table(rows), "", "![CLIP vs the exact oracle](judges.png)", ""]
     if "training_plot" in paths:
         md += ["## Training", "", "![training curves](training.png)", ""]
     if "grid" in paths:
