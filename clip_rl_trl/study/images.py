@@ -141,17 +141,17 @@ def write_image(image: Image.Image, folder: Path, index: int, image_format: str 
                 max_side: int | None = 512) -> str:
     """Re-encode ``image`` into ``folder/<index:04d>.png|.jpg`` and return the file name.
 
-    ``image_format``: ``png``, ``jpeg`` or ``auto`` (PNG up to ``SMALL_IMAGE_SIDE`` pixels a side, where it
-    is small and lossless; JPEG quality 90 above). Images larger than ``max_side`` are downscaled (aspect kept).
+    ``image_format``: ``png``, ``jpeg`` or ``auto`` (PNG for sources up to ``SMALL_IMAGE_SIDE`` pixels a side,
+    where it is small and lossless; JPEG quality 90 for larger ones). Images larger than ``max_side`` are downscaled (aspect kept).
     """
     if image_format not in ("auto", "png", "jpeg"):
         raise ValueError(f"image_format must be auto, png or jpeg, got {image_format!r}")
     image = image.convert("RGB")
+    if image_format == "auto":  # by the source's size: a downscaled photograph is still a photograph
+        image_format = "png" if max(image.size) <= SMALL_IMAGE_SIDE else "jpeg"
     if max_side is not None and max(image.size) > max_side:
         image = image.copy()
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    if image_format == "auto":
-        image_format = "png" if max(image.size) <= SMALL_IMAGE_SIDE else "jpeg"
     name = f"{index:04d}." + ("png" if image_format == "png" else "jpg")
     options: dict[str, Any] = {"optimize": True} if image_format == "png" else {"quality": 90}
     # A fresh encode drops EXIF and any other metadata of the source file (GPS, camera, user names).

@@ -10,8 +10,10 @@ It reads each caption as a perfect reader of the world's grammar would (``clip_r
 - fluency: 5 for a sentence of the grammar, 1 otherwise.
 
 With probability ``error_rate`` an answer is instead uniform over every valid choice (a lapse). The expected
-discrimination accuracy of a system is therefore ``(1 - e) * oracle@1 + e / k``, which is what the tests check
-``study results`` recovers.
+discrimination accuracy of a system is therefore ``(1 - e) * (oracle@1 + g / k) + e / k``, where ``g`` is the share
+of its trials whose caption is true of no candidate (the reader can only guess; the oracle scores those 0). For a
+system whose captions are true of their own image ``g = 0``, and without lapses the simulated accuracy is the
+oracle@1 itself: what the tests check ``study results`` recovers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from clip_rl_trl.study.design import FLUENCY_SCALE, Study
 
-__all__ = ["expected_accuracy", "oracle_score", "simulate_answers"]
+__all__ = ["expected_accuracy", "guess_score", "oracle_score", "simulate_answers"]
 
 
 def oracle_score(trial: dict[str, Any]) -> float:
@@ -33,13 +35,22 @@ def oracle_score(trial: dict[str, Any]) -> float:
     return 1.0 / sum(fits)
 
 
+def guess_score(trial: dict[str, Any]) -> float:
+    """The simulated reader's hit probability without lapses: oracle@1, or ``1 / k`` when the caption is true of
+    no candidate (or does not parse) and the reader guesses among all ``k``."""
+    fits = trial.get("oracle")
+    if fits is None or not any(fits):
+        return 1.0 / len(trial["candidates"])
+    return oracle_score(trial)
+
+
 def expected_accuracy(study: Study, system: str, error_rate: float = 0.0) -> float:
-    """The simulated annotator's expected accuracy on ``system``'s discrimination trials:
-    ``(1 - e) * mean oracle@1 + e / k`` (a lapse hits the target with probability ``1 / k``)."""
+    """The simulated annotator's expected accuracy on ``system``'s discrimination trials: the mean over them of
+    ``(1 - e) * guess_score + e / k`` (a lapse hits the target with probability ``1 / k``)."""
     trials = [t for t in study.trials if t["kind"] == "discrimination" and t["system"] == system]
     if not trials:
         raise ValueError(f"study {study.study_id} has no discrimination trial of system {system!r}")
-    return sum((1 - error_rate) * oracle_score(t) + error_rate / len(t["candidates"]) for t in trials) / len(trials)
+    return sum((1 - error_rate) * guess_score(t) + error_rate / len(t["candidates"]) for t in trials) / len(trials)
 
 
 def simulate_answers(study: Study, annotators: int = 3, error_rate: float = 0.0, seed: int = 0,
