@@ -13,8 +13,12 @@ The trainer's own periodic evaluation, checkpointing and best-model loading are 
 curve callback evaluates instead, and the last step is the result.
 
 Metrics per evaluation (``evaluate_captions``' names): ``p_at_1_100``, ``recall_at_1``, ``grammar_valid``,
-``attribute_precision``, ``attribute_recall``, ``distinct_2``, plus ``mean_length`` (words) and ``cider_d``
-(CIDEr-D against the split's references, document frequencies from that split, as pycocoevalcap does).
+``attribute_precision``, ``attribute_recall``, ``distinct_2``, plus ``mean_length`` (words), ``cider_d``
+(CIDEr-D against the split's references, document frequencies from that split, as pycocoevalcap does) and
+``cider_btw`` (Wang et al.'s CIDErBtw: CIDEr-D against the references of each scene's 5 most similar scenes by
+image cosine, the groups the oracle's ``oracle_p_at_1_similar`` uses; same document frequencies; lower is more
+distinctive). The exact oracle's ``oracle_p_at_1_100`` (on CLIP's own P@1 trials), ``oracle_recall_at_1`` and
+``oracle_p_at_1_similar`` are recorded since issue 14; earlier records have none, and the report says so.
 
 Rows (Chaffin et al.'s weights 0.94 / 0.06; Cho et al.'s CLIP-S + 2 grammar; Zhang et al.'s 0.1 CIDEr-D + 10
 GEG over K = 5 Eq. 2 groups of *training* scenes; DiscriTune's retrieval reward with running-mean baseline and
@@ -32,8 +36,10 @@ each)::
     python benchmarks/long_training.py report      # figures + table from the JSON lines
 
 ``report`` writes ``long_training.md`` next to the output (steps to degeneration, best val-selected and final P@1
-at grammar >= 0.95, per recipe) and ``long_training_curves.png`` and ``long_training_tradeoff.png`` into
-``--figures`` (default ``docs/img``).
+at grammar >= 0.95, final oracle P@1 ("not recorded" for runs that predate it), per recipe, and a table of the last
+step's judges for the runs that recorded the oracle), ``long_training_curves.png`` and ``long_training_tradeoff.png``
+into ``--figures`` (default ``docs/img``), and ``benchmarks/long_training_oracle.png`` (CLIP vs oracle P@1 over
+training) when some run recorded the oracle.
 """
 
 from __future__ import annotations
@@ -55,7 +61,11 @@ from typing import Any
 import torch
 
 DEFAULT_OUTPUT = Path(__file__).with_name("long_training.jsonl")
-METRICS = ("p_at_1_100", "recall_at_1", "grammar_valid", "attribute_precision", "attribute_recall", "distinct_2")
+METRICS = ("p_at_1_100", "recall_at_1", "grammar_valid", "attribute_precision", "attribute_recall", "distinct_2",
+           # the exact oracle (evaluation/oracle.py) on CLIP's own P@1 trials, against every other scene, and against
+           # each scene's 5 most similar scenes (image cosine here: the study's evaluation passes no references)
+           "oracle_p_at_1_100", "oracle_recall_at_1", "oracle_p_at_1_similar",
+           "unique_share", "vocab_size")
 FLUENT = 0.95  # grammar validity a checkpoint needs to be selected ("best fluent checkpoint")
 DEGENERATE = 0.9  # grammar validity below which a run counts as degenerated
 
@@ -151,6 +161,10 @@ class Evaluator:
     plus CIDEr-D and caption length."""
 
     def __init__(self, run: Any) -> None:
+        import torch.nn.functional as F
+
+        from clip_rl_trl.evaluation.captioning import GEG_K
+        from clip_rl_trl.neighbors import groups_within_split
         from clip_rl_trl.rewards.cider import CiderD
 
         self.run = run
@@ -160,8 +174,13 @@ class Evaluator:
                        for name, split in (("val", run.eval), ("test", run.test))}
         self.refs = {"val": run.eval["captions"], "test": run.test["captions"]}
         self.cider = {name: CiderD(refs) for name, refs in self.refs.items()}
+        # The similar-image groups evaluate_policy builds without references (image cosine), for CIDErBtw.
+        self.groups = {name: groups_within_split(F.normalize(run.cache[split["image_id"]].float(), dim=-1), GEG_K,
+                                                 similarity="image")
+                       for name, split in self.splits.items()}
 
     def __call__(self, model: Any) -> dict[str, dict[str, float]]:
+        from clip_rl_trl.evaluation.distinctiveness import cider_btw
         from clip_rl_trl.pipeline import evaluate
 
         out = {}
@@ -170,6 +189,7 @@ class Evaluator:
             metrics = {k: float(m[k]) for k in METRICS if k in m}
             metrics["mean_length"] = sum(len(c.split()) for c in captions) / len(captions)
             metrics["cider_d"] = float(self.cider[name].score(captions, self.refs[name]).mean())
+            metrics["cider_btw"] = cider_btw(captions, self.refs[name], self.groups[name], self.cider[name])
             metrics["example"] = captions[0]
             out[name] = metrics
         return out
@@ -295,7 +315,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         best = max(fluent, key=lambda r: (r["val"]["p_at_1_100"], -r["step"])) if fluent else None
         entry = table.setdefault(recipe, {"seeds": [], "degenerate": [], "steps": last["steps"], "best": [],
                                           "best_step": [], "final": [], "final_grammar": [], "final_precision": [],
-                                          "final_cider": [], "final_length": [], "lowest_grammar": []})
+                                          "final_cider": [], "final_length": [], "lowest_grammar": [],
+                                          **{key: [] for key in JUDGE_COLUMNS}})
         entry["seeds"].append(seed)
         entry["degenerate"].append(degenerate)
         entry["best"].append(best["p_at_1_100"] if best else None)
@@ -305,6 +326,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         entry["final_precision"].append(last.get("attribute_precision"))
         entry["final_cider"].append(last["cider_d"])
         entry["final_length"].append(last["mean_length"])
+        for key in JUDGE_COLUMNS:  # None where the record predates the metric (never filled in after the fact)
+            entry[key].append(last.get(key))
         entry["lowest_grammar"].append(min(r["grammar_valid"] for r in rs))
     return table
 
@@ -318,17 +341,46 @@ def _fmt(values: list[float | None], digits: int = 3) -> str:
     return text + (f" ({len(defined)}/{len(values)})" if len(defined) < len(values) else "")
 
 
+# The last step's judges: CLIP (p_at_1_100), the exact oracle on the same trials and on two harder candidate
+# sets, the literature's n-gram distinctiveness (CIDErBtw, lower is more distinctive) and the unique-caption share.
+JUDGE_COLUMNS = ("oracle_p_at_1_100", "oracle_recall_at_1", "oracle_p_at_1_similar", "cider_btw", "unique_share")
+NOT_RECORDED = "not recorded"
+
+
+def _judged(values: list[float | None], digits: int = 3) -> str:
+    return NOT_RECORDED if all(v is None for v in values) else _fmt(values, digits)
+
+
+def judges_markdown(table: dict[str, dict[str, Any]]) -> str:
+    """CLIP's P@1 beside the oracle's at the last step, for the recipes whose runs recorded the oracle."""
+    lines = [
+        "| recipe | seeds | final CLIP P@1 | final oracle P@1 (same trials) | CLIP - oracle | oracle R@1 "
+        "(all other scenes) | oracle vs 5 most similar | CIDErBtw (lower: more distinctive) | unique captions |",
+        "|---|---:|---|---|---|---|---|---|---|",
+    ]
+    for recipe, e in table.items():
+        if all(v is None for v in e["oracle_p_at_1_100"]):
+            continue
+        gap = [c - o if o is not None else None for c, o in zip(e["final"], e["oracle_p_at_1_100"], strict=True)]
+        lines.append(f"| {recipe} | {len(e['seeds'])} | {_fmt(e['final'])} | {_judged(e['oracle_p_at_1_100'])} | "
+                     f"{_judged(gap)} | {_judged(e['oracle_recall_at_1'])} | {_judged(e['oracle_p_at_1_similar'])} | "
+                     f"{_judged(e['cider_btw'])} | {_judged(e['unique_share'])} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def markdown(table: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| recipe | seeds | steps to degeneration (grammar < 0.9) | best fluent P@1 (val-selected step) | "
-        "final P@1 | final grammar (lowest) | final attribute precision | final CIDEr-D | final length |",
-        "|---|---:|---|---|---|---|---|---|---|",
+        "final P@1 | final oracle P@1 | final grammar (lowest) | final attribute precision | final CIDEr-D | "
+        "final length |",
+        "|---|---:|---|---|---|---|---|---|---|---|",
     ]
     for recipe, e in table.items():
         degen = ", ".join(str(d) if d is not None else f"> {e['steps']}" for d in e["degenerate"])
         steps = ", ".join(str(s) if s is not None else "–" for s in e["best_step"])
         lines.append(f"| {recipe} | {len(e['seeds'])} | {degen} | {_fmt(e['best'])} (steps {steps}) | "
-                     f"{_fmt(e['final'])} | {_fmt(e['final_grammar'])} ({min(e['lowest_grammar']):.3f}) | "
+                     f"{_fmt(e['final'])} | {_judged(e['oracle_p_at_1_100'])} | "
+                     f"{_fmt(e['final_grammar'])} ({min(e['lowest_grammar']):.3f}) | "
                      f"{_fmt(e['final_precision'])} | {_fmt(e['final_cider'])} | {_fmt(e['final_length'], 1)} |")
     return "\n".join(lines)
 
@@ -391,15 +443,66 @@ def plots(records: list[dict[str, Any]], output: Path, folder: Path) -> list[Pat
     return [curves, tradeoff]
 
 
+def oracle_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """CLIP's P@1 and the exact oracle's on the same trials over training, one panel per recipe that recorded the
+    oracle (mean over seeds, band = min..max); None when no record has it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = [name for name in ROWS if any(r["recipe"] == name and "oracle_p_at_1_100" in r for r in records)]
+    if not recipes:
+        return None
+    cols = min(4, len(recipes))
+    rows_ = math.ceil(len(recipes) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.3 * rows_), squeeze=False, sharey=True)
+    keys = (("p_at_1_100", "CLIP P@1/100", "C0"), ("oracle_p_at_1_100", "oracle P@1/100 (same trials)", "C3"),
+            ("grammar_valid", "grammar validity", "C2"))
+    for ax, recipe in zip(axes.flat, recipes, strict=False):
+        rs = [r for r in records if r["recipe"] == recipe and "oracle_p_at_1_100" in r]
+        steps = sorted({r["step"] for r in rs})
+        for key, label, colour in keys:
+            values = [[r[key] for r in rs if r["step"] == s] for s in steps]
+            ax.plot(steps, [sum(v) / len(v) for v in values], color=colour, label=label,
+                    ls=":" if key == "grammar_valid" else "-")
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.2)
+        seeds = len({r["seed"] for r in rs})
+        ax.set_title(f"{recipe} ({seeds} seed{'s' if seeds > 1 else ''})", fontsize=9)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("RL step")
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(recipes):]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("held-out test scenes")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("CLIP vs the exact oracle (test scenes, greedy): mean over seeds, band = min..max", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     records = read_records(args.output)
     if not records:
         raise SystemExit(f"{args.output} holds no finished run")
-    text = markdown(summarise(records))
+    table = summarise(records)
+    text = markdown(table)
+    judges = judges_markdown(table)
+    if judges:
+        text += ("\n\nThe last step's judges, for the runs that recorded the exact oracle (issue 14): CLIP's P@1 "
+                 "and the oracle's on the same 99 distractors, the oracle against every other scene and against each "
+                 "scene's 5 most similar (image cosine), CIDErBtw against those 5 scenes' references, and the share "
+                 "of distinct captions.\n\n" + judges)
     devices = sorted({r.get("device", "?") for r in records})
     text += f"\n\nFrom {args.output.name}; measured on: {', '.join(devices)}.\n"
     args.output.with_suffix(".md").write_text(text)
     files = plots(records, args.output, args.figures)
+    oracle = oracle_plot(records, args.oracle_figure)
+    if oracle is not None:
+        files.append(oracle)
     print(text)
     print("wrote", args.output.with_suffix(".md"), *files)
 
@@ -424,6 +527,8 @@ def main() -> None:
     report.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     report.add_argument("--figures", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "img",
                         help="folder of the two PNGs (default: docs/img, where docs/benchmarks.md shows them)")
+    report.add_argument("--oracle-figure", type=Path, default=Path(__file__).with_name("long_training_oracle.png"),
+                        help="CLIP vs the exact oracle over training, written when some record holds the oracle")
     report.set_defaults(func=cmd_report)
     args = parser.parse_args()
     args.func(args)
