@@ -214,7 +214,7 @@ def add_study_parser(sub: Any) -> None:
     create.add_argument("--clip", default=None, help="record the choices of this open_clip model, e.g. ViT-B-32")
     create.add_argument("--pretrained", default=None, help="open_clip pretrained tag of --clip, e.g. openai")
     create.add_argument("--device", default=None, help="device of --clip")
-    create.add_argument("--title", default="Which image does the caption describe?", help="the page's title")
+    create.add_argument("--title", default="Caption study", help="the page's title (shown to annotators)")
     create.add_argument("--image-format", choices=("auto", "png", "jpeg"), default="auto",
                         help="auto: PNG up to 256 px a side, JPEG above")
     create.add_argument("--max-side", type=int, default=512, help="downscale larger images to this (pixels)")

@@ -154,7 +154,7 @@ def create_study(
     fluency: bool = False,
     judge: Any = None,
     judge_name: str | None = None,
-    title: str = "Which image does the caption describe?",
+    title: str = "Caption study",
     image_format: str = "auto",
     max_side: int | None = 512,
 ) -> Study:

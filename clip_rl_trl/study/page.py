@@ -78,9 +78,9 @@ section { background: #fff; border: 1px solid #dde1e7; border-radius: 10px; padd
 .choice:hover, .choice:focus-visible { border-color: #3b6fd8; outline: none; box-shadow: 0 0 0 3px #c9d8f7; }
 .choice img { width: 168px; height: 168px; object-fit: contain; image-rendering: pixelated; background: #eee; }
 .choice .key { font-size: .85rem; color: #4a5568; font-weight: 600; }
-.choice.text { flex: 1 1 280px; align-items: flex-start; text-align: left; font-size: 1.1rem; }
+.choice.text { flex: 1 1 240px; align-items: flex-start; text-align: left; font-size: 1.1rem; }
 .choice.rating { min-width: 92px; }
-.target img { width: 240px; height: 240px; object-fit: contain; image-rendering: pixelated; margin-bottom: 14px; }
+.target img { width: 200px; height: 200px; object-fit: contain; image-rendering: pixelated; }
 #choices.busy .choice { opacity: .55; cursor: progress; }
 form { display: flex; gap: 10px; align-items: center; flex-wrap: wrap; margin: 14px 0; }
 input { font: inherit; padding: 7px 10px; border: 1px solid #b8c0cc; border-radius: 6px; min-width: 240px; }
@@ -226,7 +226,6 @@ SCRIPT = r""""use strict";
       caption.hidden = true;
       const figure = document.createElement("div");
       figure.className = "target";
-      figure.style.flexBasis = "100%";
       const img = document.createElement("img");
       img.src = imageUrl(trial.image);
       img.alt = "the image";
