@@ -28,6 +28,9 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "p_at_1_100",
     "oracle_p_at_1_100",  # the shapes world's exact judge on CLIP's P@1 trials (evaluation/oracle.py)
     "recall_at_1",
+    # The literature's n-gram distinctiveness (Wang et al. 2020; lower is more distinctive): a judge that is neither
+    # CLIP nor the shapes world, so it is there on COCO too (needs references and the similar-image groups).
+    "cider_btw",
     "cider",
     "clip_s",
     "grammar_valid",
@@ -35,6 +38,7 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "attribute_recall",
     "distinct_2",
     "vocab_size",
+    "unique_share",  # the collapse signal: 1/N when every image gets the same caption
 )
 
 MISSING = "–"
