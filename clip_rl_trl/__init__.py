@@ -22,9 +22,9 @@ from clip_rl_trl.models.policies import (
     BlipPolicy,
     CaptionPolicy,
     CausalLMPolicy,
-    CausalVLMPolicy,
     ClipCapPolicy,
 )
+from clip_rl_trl.models.vlm import CausalVLMPolicy
 from clip_rl_trl.neighbors import groups_within_split, similar_image_groups
 from clip_rl_trl.pipeline import build_trainer, evaluate_saved, prepare, train
 from clip_rl_trl.rewards import functional

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ("bidir_coco", "discritune_coco", "clip_s_coco", "geg_coco", "shapes_demo")
+EXAMPLES = ("bidir_coco", "discritune_coco", "clip_s_coco", "geg_coco", "vlm_coco", "shapes_demo")
 REPORT_KEYS = {
     "p_at_1_100",
     "recall_at_1",
@@ -50,7 +50,8 @@ def test_toy_run_writes_the_report(name: str, tmp_path) -> None:
     assert "library_name: clip-rl-trl" in card and "p_at_1_100" in card
     for reward in report["recipe"]["rewards"]["reward_funcs"]:
         assert reward in card
-    assert (tmp_path / "config.json").is_file() and (tmp_path / "training.png").is_file()
+    weights = "adapter_config.json" if report["recipe"]["captioner"]["use_peft"] else "config.json"
+    assert (tmp_path / weights).is_file() and (tmp_path / "training.png").is_file()
 
 
 @pytest.mark.slow

@@ -24,17 +24,18 @@ def _launch(tmp_path: Path, mode: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["gather", "local"])
+@pytest.mark.parametrize("mode", ["gather", "local", "vlm"])
 def test_rewards_under_two_processes(tmp_path: Path, mode: str) -> None:
     """With gathering on (the default) the rewards equal one process's rewards on the global batch; with it off,
-    each process's rewards on its own slice. The two differ, so the check can tell them apart."""
+    each process's rewards on its own slice. The two differ, so the check can tell them apart. ``vlm``: the same
+    with a tiny Qwen2-VL policy (LoRA, gradient checkpointing, its processor as processing_class)."""
     result = _launch(tmp_path, mode)
     assert result["num_processes"] == 2
     assert len(result["records"]) == 2  # one scoring pass per step with the group baseline: 2 steps
     differs = False
     for rec in result["records"]:
         assert len(rec["texts"]) == 8 and len(set(rec["ids"])) == 4  # 2 processes x 2 images x 2 samples
-        expected = rec["global_expected"] if mode == "gather" else rec["local_expected"]
+        expected = rec["local_expected"] if mode == "local" else rec["global_expected"]
         assert len(rec["rewards"]) == len(expected) == 8
         for got, want in zip(rec["rewards"], expected, strict=True):
             assert got == pytest.approx(want, abs=1e-5)

@@ -96,7 +96,7 @@ def test_toy_applies_its_section_on_the_shapes_world(tmp_path) -> None:
     assert (source.name, family.name) == ("shapes", "clipcap")
 
 
-@pytest.mark.parametrize("name", ["bidir_coco", "discritune_coco", "clip_s_coco", "geg_coco"])
+@pytest.mark.parametrize("name", ["bidir_coco", "discritune_coco", "clip_s_coco", "geg_coco", "vlm_coco"])
 def test_every_example_recipe_parses_and_its_toy_checks(name: str) -> None:
     toy = parse_recipe(["--config", str(EXAMPLES / f"{name}.yaml"), "--toy"])
     check_recipe(toy)

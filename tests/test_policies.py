@@ -1,5 +1,5 @@
-"""Policy adapters on tiny real models: BLIP, a decoder-only VLM (LLaVA) and a text-only GPT-2 generate, score
-and train."""
+"""Policy adapters on tiny real models: BLIP and a text-only GPT-2 generate, score and train (decoder-only VLMs:
+tests/test_vlm.py)."""
 
 
 import pytest
@@ -11,13 +11,7 @@ from transformers import (
     BlipForConditionalGeneration,
     BlipImageProcessor,
     BlipProcessor,
-    CLIPImageProcessor,
-    CLIPVisionConfig,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
 )
 
 from clip_rl_trl import (
@@ -34,11 +28,12 @@ from clip_rl_trl.models.families import policy_for
 from clip_rl_trl.models.policies import (
     BlipPolicy,
     CausalLMPolicy,
-    CausalVLMPolicy,
     ClipCapPolicy,
     completion_mask,
     unwrap_peft,
 )
+from clip_rl_trl.models.toy_vlm import build_shapes_toy_vlm
+from clip_rl_trl.models.vlm import CausalVLMPolicy
 
 BLIP_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # BLIP's BERT specials, [DEC] = BOS
 
@@ -67,35 +62,6 @@ def blip_model(tokenizer, seed: int = 0) -> BlipForConditionalGeneration:
         projection_dim=32,
     )
     return BlipForConditionalGeneration(config)
-
-
-def llava_processor() -> LlavaProcessor:
-    tokenizer = ShapesLanguage.word_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )
-
-
-def llava_model(processor, seed: int = 0) -> LlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    tok = processor.tokenizer
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-            patch_size=8, projection_dim=32,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        ),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-    )
-    return LlavaForConditionalGeneration(config)
 
 
 def gpt2_lm(tokenizer, seed: int = 0) -> GPT2LMHeadModel:
@@ -265,48 +231,6 @@ def test_unreadable_images_name_the_row_id_and_column(tmp_path) -> None:
         policy.image_inputs([{"image": str(tmp_path / "bad.jpg")}], torch.device("cpu"))
 
 
-# ---------------------------------------------------------------------- decoder-only VLM (LLaVA)
-
-
-def test_llava_greedy_equals_argmax_loop_and_prompt_is_stripped(setup) -> None:
-    processor = llava_processor()
-    model = llava_model(processor).eval()
-    policy = CausalVLMPolicy(processor, prompt="<image> the")
-    inputs = policy.image_inputs(rows(setup[0]), torch.device("cpu"))
-    assert set(inputs) == set(policy.input_keys) == {"vlm_prompt_ids", "vlm_prompt_mask", "pixel_values"}
-    assert inputs["vlm_prompt_ids"].shape == (3, 17)  # 16 image-patch tokens + "the"
-    with torch.no_grad():
-        out = policy.generate(model, inputs, max_new_tokens=6, do_sample=False, num_beams=1)
-    assert out.shape == (3, 6)
-    expected = argmax_loop(policy, model, inputs, 6, banned=policy.image_token_id)
-    mask = completion_mask(out, processor.tokenizer.eos_token_id)
-    assert torch.equal(out * mask, expected * mask)
-
-
-def test_llava_logits_are_one_forward_over_prompt_and_caption(setup) -> None:
-    processor = llava_processor()
-    model = llava_model(processor).eval()
-    policy = CausalVLMPolicy(processor, prompt="<image> the")
-    inputs = policy.image_inputs(rows(setup[0], 2), torch.device("cpu"))
-    ids, mask = tokenize_captions(["red circle", "small blue square at the top"], processor.tokenizer)
-    with torch.no_grad():
-        got = policy.logits(model, inputs, ids, mask)
-        prompt = inputs["vlm_prompt_ids"]
-        ref = model(input_ids=torch.cat([prompt, ids], 1), pixel_values=inputs["pixel_values"],
-                    attention_mask=torch.cat([torch.ones_like(prompt), mask], 1)).logits
-    p = prompt.shape[1]
-    torch.testing.assert_close(got, ref[:, p - 1 : p - 1 + ids.shape[1]], atol=1e-5, rtol=0)
-
-
-def test_llava_errors() -> None:
-    processor = llava_processor()
-    with pytest.raises(ValueError, match="no image token '<image>'"):
-        CausalVLMPolicy(processor, prompt="describe:")
-    policy = CausalVLMPolicy(processor, image_keys=("pixel_values", "image_sizes"))
-    with pytest.raises(ValueError, match=r"returns no \['image_sizes'\]"):
-        policy.image_inputs([{"image": ShapesWorld(0).to_dataset(1)[0]["image"]}], torch.device("cpu"))
-
-
 # ---------------------------------------------------------------------- text-only decoder (GPT-2)
 
 
@@ -372,8 +296,7 @@ def test_policy_for_picks_the_family(setup) -> None:
     own = BlipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     via_processor = policy_for(blip, None, "image_id", BlipProcessor(image_processor=own, tokenizer=tok))
     assert via_processor.image_processor is own and via_processor.tokenizer is tok
-    processor = llava_processor()
-    llava = llava_model(processor)
+    llava, processor = build_shapes_toy_vlm("llava")
     assert isinstance(policy_for(llava, None, "image_id", processor), CausalVLMPolicy)
     with pytest.raises(ValueError, match="needs its processor"):
         policy_for(llava, None, "image_id", processor.tokenizer)
@@ -406,17 +329,6 @@ def test_blip_trains_in_caption_rl_trainer(setup, tmp_path) -> None:
         args=tiny_rl_args(tmp_path, gt_loss_weight=0.5), train_dataset=data, processing_class=tok,
     )
     assert isinstance(trainer.policy, BlipPolicy)
-    _train(trainer)
-
-
-def test_llava_trains_in_caption_rl_trainer(setup, tmp_path) -> None:
-    data, scorer, cache = setup
-    processor = llava_processor()
-    trainer = CaptionRLTrainer(
-        model=llava_model(processor), reward_funcs=[BidirectionalReward(scorer, cache)],
-        args=tiny_rl_args(tmp_path), train_dataset=data, processing_class=processor.tokenizer,
-        policy=CausalVLMPolicy(processor, prompt="<image>"),
-    )
     _train(trainer)
 
 

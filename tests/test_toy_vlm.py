@@ -12,13 +12,12 @@ import torch
 from PIL import Image
 
 from clip_rl_trl.models.toy_vlm import (
-    DEFAULT_INSTRUCTION,
     TOY_VLM_KINDS,
     build_shapes_toy_vlm,
     build_toy_vlm,
-    toy_caption_prompt,
     toy_kind,
 )
+from clip_rl_trl.models.vlm import DEFAULT_INSTRUCTION, vlm_prompt
 
 IMAGE_TOKEN = {"qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "idefics3": "<image>", "llava": "<image>"}
 EOS = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "llava": "</s>"}
@@ -43,14 +42,14 @@ def _images() -> list[Image.Image]:
 
 
 def _encode(processor, n: int = 3):
-    prompt = toy_caption_prompt(processor)
+    prompt = vlm_prompt(processor)
     return processor(images=_images()[:n], text=[prompt] * n, padding=True, padding_side="left",
                      return_tensors="pt")
 
 
 def test_chat_template_prompt_has_the_family_shape(toy):
     kind, _, processor = toy
-    prompt = toy_caption_prompt(processor)
+    prompt = vlm_prompt(processor)
     assert prompt.count(IMAGE_TOKEN[kind]) == 1 and processor.image_token == IMAGE_TOKEN[kind]
     assert prompt.startswith(PROMPT_START[kind]) and prompt.endswith(PROMPT_END[kind])
     assert DEFAULT_INSTRUCTION in prompt
@@ -132,7 +131,7 @@ def test_save_and_reload_through_auto_classes(toy, tmp_path):
     assert type(model2) is type(model) and type(processor2) is type(processor)
     assert processor2.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
     assert processor2.tokenizer.eos_token == processor.tokenizer.eos_token
-    assert toy_caption_prompt(processor2) == toy_caption_prompt(processor)
+    assert vlm_prompt(processor2) == vlm_prompt(processor)
     enc, enc2 = _encode(processor), _encode(processor2)
     assert sorted(enc) == sorted(enc2) and all(torch.equal(enc[k], enc2[k]) for k in enc)
     with torch.no_grad():

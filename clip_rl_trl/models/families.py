@@ -27,10 +27,10 @@ from clip_rl_trl.models.clipcap import GPT2_LORA_TARGETS
 from clip_rl_trl.models.policies import (
     BlipPolicy,
     CaptionPolicy,
-    CausalVLMPolicy,
     ClipCapPolicy,
     unwrap_peft,
 )
+from clip_rl_trl.models.vlm import CausalVLMPolicy
 
 __all__ = ["FAMILIES", "BlipFamily", "CaptionerFamily", "ClipCapFamily", "VLMFamily", "family", "policy_for",
            "register_family"]
@@ -186,10 +186,14 @@ class BlipFamily(CaptionerFamily):
 
 @register_family("vlm")
 class VLMFamily(CaptionerFamily):
-    """Decoder-only vision-language models (LLaVA and kin, ``AutoModelForImageTextToText``): the processor
-    expands an image placeholder in the prompt, the caption continues it. LoRA on ``q_proj`` / ``v_proj``."""
+    """Decoder-only vision-language models (``AutoModelForImageTextToText``: Qwen2-VL / Qwen2.5-VL, Idefics3 /
+    SmolVLM, LLaVA and kin): the processor writes the caption instruction through its chat template and expands
+    the image placeholder, the caption continues the prompt (:class:`~clip_rl_trl.models.vlm.CausalVLMPolicy`).
+    LoRA on the language model's attention projections only (the vision tower's, which share the names, stay
+    frozen). ``model_name_or_path: toy:<kind>`` builds a tiny random one offline
+    (:func:`~clip_rl_trl.models.toy_vlm.build_shapes_toy_vlm`)."""
 
-    lora_targets = ["q_proj", "v_proj"]
+    lora_targets = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj)"
 
     def matches(self, model: nn.Module) -> bool:
         config = getattr(model, "config", None)
@@ -203,6 +207,11 @@ class VLMFamily(CaptionerFamily):
     def load(self, config: Any, **context: Any) -> tuple[nn.Module, Any]:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from clip_rl_trl.models.toy_vlm import build_shapes_toy_vlm, toy_kind
+
+        kind = toy_kind(config.model_name_or_path)
+        if kind is not None:
+            return build_shapes_toy_vlm(kind, seed=context.get("seed", 0))
         kwargs = _pretrained_kwargs(config)
         if config.attn_implementation is not None:
             kwargs["attn_implementation"] = config.attn_implementation
@@ -213,7 +222,7 @@ class VLMFamily(CaptionerFamily):
         if not (hasattr(processing_class, "image_processor") and hasattr(processing_class, "tokenizer")):
             raise ValueError(
                 f"{type(unwrap_peft(model)).__name__} needs its processor to place image tokens in the prompt: pass "
-                "policy=CausalVLMPolicy(processor, prompt=...) (or the processor as processing_class)"
+                "the processor as processing_class (or policy=CausalVLMPolicy(processor, prompt=...))"
             )
         return CausalVLMPolicy(processing_class, prompt=prompt, image_column=image_column)
 

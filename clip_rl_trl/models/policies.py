@@ -6,9 +6,9 @@ calls ``logits`` on the model it trains (possibly wrapped by DDP or PEFT) so gra
 unwrapped model.
 
 Families: :class:`ClipCapPolicy` (cached CLIP embeddings), :class:`BlipPolicy` (``BlipForConditionalGeneration``,
-pixels through its own vision tower), :class:`CausalVLMPolicy` (decoder-only VLMs such as LLaVA: a processor
-expands an image placeholder in a text prompt, captions continue the prompt), and :class:`CausalLMPolicy` (a
-text-only decoder continuing a fixed prompt, blind to the image: for comparisons with stock TRL). Caption ids are
+pixels through its own vision tower), :class:`CausalLMPolicy` (a text-only decoder continuing a fixed prompt,
+blind to the image: for comparisons with stock TRL), and, in :mod:`clip_rl_trl.models.vlm`, ``CausalVLMPolicy``
+(decoder-only VLMs: a processor expands an image placeholder in the prompt, captions continue it). Caption ids are
 always "caption tokens + EOS", no BOS and no prompt: each adapter adds what its model needs in front, internally.
 """
 
@@ -27,10 +27,6 @@ from clip_rl_trl.embeddings import ImageEmbeddingCache
 ImageInputs = Mapping[str, torch.Tensor]
 #: Dataset rows, one per caption to generate or score.
 Rows = Sequence[Mapping[str, Any]]
-
-# Processor outputs that are the prompt's text, not image tensors.
-_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
-
 
 def completion_mask(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """``(B, T)`` long mask of each caption's tokens up to and including its first EOS (all, if none)."""
@@ -129,7 +125,7 @@ def caption_rows(
     return captions
 
 
-def _load_images(rows: Rows, column: str) -> list[Any]:
+def load_images(rows: Rows, column: str) -> list[Any]:
     """RGB PIL images from ``rows[column]``: PIL images, file paths or undecoded ``datasets.Image`` values. An
     unreadable one raises an error naming its row, its ``image_id`` when the row has one, and the column."""
     from clip_rl_trl.clip import load_image
@@ -144,15 +140,6 @@ def _load_images(rows: Rows, column: str) -> list[Any]:
             image_id = f" (image id {row['image_id']!r})" if "image_id" in row else ""
             raise type(err)(f"row {i}{image_id}, column {column!r}: {err}") from err
     return images
-
-
-def _check_rows(tensors: Mapping[str, torch.Tensor], n: int) -> None:
-    for key, value in tensors.items():
-        if value.shape[0] != n:
-            raise ValueError(
-                f"image input {key!r} has first dimension {value.shape[0]} for {n} rows; the trainer splits every "
-                "image input by rows, so each must hold one entry per row"
-            )
 
 
 class BlipPolicy(CaptionPolicy):
@@ -208,7 +195,7 @@ class BlipPolicy(CaptionPolicy):
         self.pad_token_id = text.pad_token_id
 
     def image_inputs(self, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
-        images = _load_images(rows, self.image_column)
+        images = load_images(rows, self.image_column)
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixels.to(device)}
 
@@ -246,7 +233,7 @@ class BlipPolicy(CaptionPolicy):
 
 class PromptContinuationPolicy(CaptionPolicy):
     """A decoder-only model whose captions continue a (left-padded) text prompt: the shared half of
-    :class:`CausalLMPolicy` and :class:`CausalVLMPolicy`.
+    :class:`CausalLMPolicy` and :class:`~clip_rl_trl.models.vlm.CausalVLMPolicy`.
 
     ``image_inputs`` returns the prompt's ids and mask under ``prompt_keys`` (beside whatever image tensors the
     model reads, :meth:`model_inputs`); ``generate`` continues the prompt and cuts it from the ids, and
@@ -265,13 +252,19 @@ class PromptContinuationPolicy(CaptionPolicy):
         self.prompt = prompt
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def model_inputs(self, image_inputs: ImageInputs) -> dict[str, torch.Tensor]:
-        """What the model reads beside the prompt, in ``generate`` and ``logits`` (none for a text-only model)."""
+    def model_inputs(self, image_inputs: ImageInputs, model: nn.Module, caption_length: int = 0
+                     ) -> dict[str, torch.Tensor]:
+        """What ``model`` reads beside the prompt (none for a text-only model): in ``generate``, and in ``logits``
+        where ``caption_length`` caption tokens follow the prompt."""
         return {}
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Extra ``model.generate`` arguments of this family."""
         return {}
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The policy's logits from the model's: tokens a family never samples are removed here (none by default)."""
+        return logits
 
     def generate(self, model: nn.Module, image_inputs: ImageInputs, **kwargs: Any) -> torch.Tensor:
         prompt_ids, prompt_mask = (image_inputs[key] for key in self.prompt_keys)
@@ -281,7 +274,7 @@ class PromptContinuationPolicy(CaptionPolicy):
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.pad_token_id,
             **self.generate_kwargs(),
-            **self.model_inputs(image_inputs),
+            **self.model_inputs(image_inputs, model),
             **kwargs,
         )
         return out[:, prompt_ids.shape[1] :]
@@ -294,9 +287,9 @@ class PromptContinuationPolicy(CaptionPolicy):
             input_ids=torch.cat([prompt_ids, ids], dim=1),
             attention_mask=torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
             logits_to_keep=ids.shape[1] + 1,
-            **self.model_inputs(image_inputs),
+            **self.model_inputs(image_inputs, model, ids.shape[1]),
         )
-        return out.logits[:, :-1]
+        return self.mask_logits(out.logits[:, :-1])
 
 
 class CausalLMPolicy(PromptContinuationPolicy):
@@ -325,66 +318,3 @@ class CausalLMPolicy(PromptContinuationPolicy):
     def image_inputs(self, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
         ids = self.prompt_ids.to(device).repeat(len(rows), 1)
         return {"lm_prompt_ids": ids, "lm_prompt_mask": torch.ones_like(ids)}
-
-
-class CausalVLMPolicy(PromptContinuationPolicy):
-    """A decoder-only vision-language model (LLaVA and kin): ``processor(images, prompt)`` -> prompt ids with the
-    image placeholder expanded + pixel tensors; captions continue the prompt (TRL's own VLM path, per caption).
-
-    Args:
-        processor: the model's processor (image processor + tokenizer, e.g. ``LlavaProcessor``); its tokenizer
-            must have an ``eos_token``, which ends captions.
-        prompt: the text in front of each caption; must hold the processor's image token (e.g.
-            ``"USER: <image>\nDescribe the image. ASSISTANT:"``, or a chat template's output).
-        image_column: the dataset column with the images (PIL or paths).
-        image_keys: the processor outputs the model reads beside the prompt (LLaVA: ``pixel_values``;
-            LLaVA-NeXT: ``pixel_values``, ``image_sizes``); each needs one entry per row.
-    """
-
-    # Prompt tensors get their own names: the trainer's batch already has (empty) prompt_ids / prompt_mask.
-    prompt_keys = ("vlm_prompt_ids", "vlm_prompt_mask")
-
-    def __init__(
-        self,
-        processor: Any,
-        prompt: str | None = None,
-        image_column: str = "image",
-        image_keys: Sequence[str] = ("pixel_values",),
-    ) -> None:
-        tokenizer = processor.tokenizer
-        image_token = getattr(processor, "image_token", None)
-        if image_token is None:
-            raise ValueError(f"{type(processor).__name__} has no image_token; CausalVLMPolicy needs a VLM processor")
-        prompt = image_token if prompt is None else prompt
-        if image_token not in prompt:
-            raise ValueError(f"prompt {prompt!r} has no image token {image_token!r}")
-        super().__init__(tokenizer, prompt, no_eos="the processor's tokenizer")
-        self.processor = processor
-        self.image_column = image_column
-        self.image_keys = tuple(image_keys)
-        self.input_keys = (*self.prompt_keys, *self.image_keys)
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-
-    def image_inputs(self, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
-        images = _load_images(rows, self.image_column)
-        # Left padding keeps every prompt's last token at the same position, where the caption starts.
-        enc = self.processor(
-            images=images, text=[self.prompt] * len(images), return_tensors="pt", padding=True, padding_side="left"
-        )
-        unknown = sorted(set(enc) - _TEXT_KEYS - set(self.image_keys))
-        if unknown:
-            raise ValueError(f"the processor also returns {unknown}: list the ones the model reads in image_keys=")
-        missing = [key for key in self.image_keys if key not in enc]
-        if missing:
-            raise ValueError(f"the processor returns no {missing}; it returns {sorted(enc)}")
-        out = {"vlm_prompt_ids": enc["input_ids"], "vlm_prompt_mask": enc["attention_mask"]}
-        out.update({key: enc[key] for key in self.image_keys})
-        _check_rows(out, len(rows))
-        return {key: value.to(device) for key, value in out.items()}
-
-    def model_inputs(self, image_inputs: ImageInputs) -> dict[str, torch.Tensor]:
-        return {key: image_inputs[key] for key in self.image_keys}
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        # A sampled image token would have no image features to stand for (TRL suppresses it too).
-        return {"suppress_tokens": [self.image_token_id]}

@@ -51,11 +51,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_INSTRUCTION", "TOY_PREFIX", "TOY_VLM_KINDS", "build_shapes_toy_vlm", "build_toy_vlm",
-           "toy_caption_prompt", "toy_kind", "toy_tokenizer", "toy_words"]
+from clip_rl_trl.models.vlm import DEFAULT_INSTRUCTION
 
-#: the caption instruction whose words every toy vocabulary holds
-DEFAULT_INSTRUCTION = "Describe this image in one sentence."
+__all__ = ["TOY_PREFIX", "TOY_VLM_KINDS", "build_shapes_toy_vlm", "build_toy_vlm", "toy_kind", "toy_tokenizer",
+           "toy_words"]
+
 #: ``model_name_or_path`` prefix naming a toy VLM, e.g. ``toy:qwen2_vl`` (see :func:`toy_kind`)
 TOY_PREFIX = "toy:"
 
@@ -340,10 +340,3 @@ def toy_kind(model_name_or_path: str | None) -> str | None:
     if kind not in _BUILDERS:
         raise ValueError(f"{model_name_or_path!r}: unknown toy VLM kind {kind!r}; known: {list(TOY_VLM_KINDS)}")
     return kind
-
-
-def toy_caption_prompt(processor: Any, instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """The chat-template prompt of one user turn (the image, then ``instruction``) with the generation prompt:
-    the text ``CausalVLMPolicy(processor, prompt=...)`` wants (it holds the processor's image token once)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -3,6 +3,9 @@
 Trains CaptionRLTrainer two steps on two processes, recording every step's global batch (captions, image ids)
 and the rewards the trainer computed; process 0 then recomputes those rewards as one process would on the same
 global batch, and as each process would on its own slice, and writes all of them to the JSON file argv[1].
+argv[2]: ``gather`` or ``local`` (the tiny ClipCap, rewards gathered or not), or ``vlm`` (a tiny random Qwen2-VL
+with its processor as processing_class, LoRA and gradient checkpointing, rewards gathered: its pixel tensors are
+flattened patches that the trainer must keep with their rows across processes).
 """
 
 import json
@@ -29,21 +32,32 @@ from clip_rl_trl import (
 from clip_rl_trl.data import ShapesLanguage
 
 
-def main(out_path: str, gather: bool) -> None:
+def main(out_path: str, mode: str) -> None:
     torch.manual_seed(0)
     world = ShapesWorld(seed=0)
     data = world.to_dataset(16, "train")
     scorer = make_tiny_scorer()
     cache = ImageEmbeddingCache.build(data, scorer, progress=False)
-    tokenizer = ShapesLanguage.word_tokenizer()
-    model = make_tiny_clipcap(tokenizer, seed=None)  # word tokenizer: <pad> 0, <bos> 1, <eos> 2
     rewards = [BidirectionalReward(scorer, cache), RetrievalReward(scorer, cache)]
     args = tiny_rl_args(
         os.path.join(os.path.dirname(out_path), "run"), per_device_train_batch_size=4, num_generations=2,
-        logging_steps=500, gather_rewards_across_processes=gather,
+        logging_steps=500, gather_rewards_across_processes=mode != "local", gradient_checkpointing=mode == "vlm",
     )
-    trainer = CaptionRLTrainer(model=model, reward_funcs=rewards, args=args,
-                               train_dataset=data.remove_columns("image"), processing_class=tokenizer)
+    if mode == "vlm":
+        from peft import LoraConfig
+
+        from clip_rl_trl.models.families import family
+        from clip_rl_trl.models.toy_vlm import build_shapes_toy_vlm
+
+        model, processor = build_shapes_toy_vlm("qwen2_vl", world=world)
+        trainer = CaptionRLTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=data,
+                                   processing_class=processor,
+                                   peft_config=LoraConfig(r=4, target_modules=family("vlm").lora_targets))
+    else:
+        tokenizer = ShapesLanguage.word_tokenizer()
+        model = make_tiny_clipcap(tokenizer, seed=None)  # word tokenizer: <pad> 0, <bos> 1, <eos> 2
+        trainer = CaptionRLTrainer(model=model, reward_funcs=rewards, args=args,
+                                   train_dataset=data.remove_columns("image"), processing_class=tokenizer)
     records = []
     score = trainer._score
 
@@ -81,4 +95,4 @@ def main(out_path: str, gather: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], gather=sys.argv[2] == "gather")
+    main(sys.argv[1], sys.argv[2])
