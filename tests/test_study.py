@@ -4,6 +4,7 @@ annotator against the exact oracle, and the ``clip-rl-trl study`` commands."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -471,6 +472,11 @@ def test_study_cli_end_to_end(tmp_path, capsys) -> None:
           str(tmp_path)], "no image for 16 image id(s)"),
         (["study", "results", str(tmp_path / "nothing")], "no study.json"),
     ]
+    if all(importlib.util.find_spec(m) for m in ("starlette", "uvicorn")):  # serving reads the answers first
+        foreign = tmp_path / "foreign.jsonl"
+        foreign.write_text(json.dumps({"study": "0123456789abcdef", "annotator": "a", "trial": "t0001",
+                                       "choice": 0}) + "\n")
+        bad.append((["study", "serve", str(study_dir), "--answers", str(foreign)], "for study '0123456789abcdef'"))
     for argv, message in bad:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()

@@ -206,6 +206,13 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if results["chance"] is not None:
         lines += ["", f"Chance accuracy: {results['chance']:.3f} (one of k candidates)."]
+    if has_oracle:
+        lines += ["", "Exact oracle@1: a perfect reader of the shapes grammar on the same trials (a tie among t + 1 "
+                  "fitting candidates scores 1/(t + 1); a caption false of its image scores 0, where a person can "
+                  "still guess right)."]
+    if has_clip:
+        lines += ["", "CLIP accuracy: CLIP's own choice on the answered trials; CLIP = human: the share of "
+                  "answers that pick the image CLIP picks."]
     if results["accuracy_differences"]:
         lines += ["", "Paired accuracy differences (exact McNemar test: two-sided sign test on the (annotator, "
                   "image) pairs where only one system's caption was answered right):", ""]
