@@ -353,6 +353,7 @@ def test_server_routes_validate_and_serve_only_study_images(tmp_path) -> None:
     for kwargs, status, message in errors:
         response = client.post("/api/answer", **kwargs)
         assert response.status_code == status and message in response.json()["error"], (kwargs, response.text)
+        assert response.json()["code"] == ("duplicate" if status == 409 else "invalid")  # the page moves on, or not
     assert len(answers.read_text().splitlines()) == 1
     # DNS rebinding: a page served by another name cannot reach the loopback server.
     assert client.get("/api/study", headers={"host": "evil.example"}).status_code == 400

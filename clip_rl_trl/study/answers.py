@@ -34,9 +34,11 @@ MAX_NAME = 64
 class AnswerError(ValueError):
     """An answer the study refuses, with the HTTP status the server answers it with."""
 
-    def __init__(self, message: str, status: int = 422) -> None:
+    def __init__(self, message: str, status: int = 422, code: str = "invalid") -> None:
         super().__init__(message)
         self.status = status
+        #: ``duplicate`` for an answer already given (the page moves on), ``invalid`` otherwise
+        self.code = code
 
 
 def normalize_name(name: Any) -> str:
@@ -115,7 +117,8 @@ class AnswersLog:
         with self._lock:
             done = self._answered.setdefault(clean["annotator"], set())
             if clean["trial"] in done:
-                raise AnswerError(f"{clean['annotator']!r} has already answered trial {clean['trial']}", 409)
+                raise AnswerError(f"{clean['annotator']!r} has already answered trial {clean['trial']}", 409,
+                                  "duplicate")
             clean["time"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
             clean["source"] = source
             self._append(json.dumps(clean, ensure_ascii=False))

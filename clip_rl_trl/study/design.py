@@ -191,7 +191,8 @@ def create_study(
     if n_images is not None and not 1 <= n_images <= len(common):
         raise ValueError(f"--n-images must be in [1, {len(common)}] (the images captioned by every system), "
                          f"got {n_images}")
-    missing = [i for i in common if i not in set(pool.ids)]
+    available = set(pool.ids)
+    missing = [i for i in common if i not in available]
     if missing:
         raise ValueError(f"{pool.describe}: no image for image id(s) {missing[:3]}")
 

@@ -120,6 +120,7 @@ SCRIPT = r""""use strict";
     if (!response.ok) {
       const err = new Error((body && body.error) || ("the server answered " + response.status));
       err.status = response.status;
+      err.code = body && body.code;
       throw err;
     }
     return body;
@@ -150,7 +151,8 @@ SCRIPT = r""""use strict";
   async function start(event) {
     event.preventDefault();
     showError("");
-    const name = $("name").value.trim().split(/\s+/).join(" ");
+    // As the server normalises names: no control characters, runs of whitespace made one space.
+    const name = $("name").value.replace(/[\u0000-\u001f\u007f-\u009f]/g, "").trim().split(/\s+/).join(" ");
     if (!name) { showError("Enter a name first."); return; }
     $("start-button").disabled = true;
     try {
@@ -267,7 +269,7 @@ SCRIPT = r""""use strict";
         await fetchJson("api/answer", { method: "POST", headers: { "Content-Type": "application/json" },
           body: JSON.stringify(record) });
       } catch (err) {
-        if (err.status !== 409) {   // 409: already answered (e.g. in another tab): move on
+        if (err.code !== "duplicate") {   // already answered (e.g. in another tab): move on
           showError("Your answer was not saved: " + err.message + ". Earlier answers are safe; try again.");
           $("choices").classList.remove("busy");
           busy = false;

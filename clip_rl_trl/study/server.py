@@ -64,8 +64,8 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def _error(message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(message: str, status: int, code: str = "invalid") -> JSONResponse:
+    return JSONResponse({"error": message, "code": code}, status_code=status)
 
 
 def _allowed_hosts(host: str) -> list[str]:
@@ -125,7 +125,7 @@ def build_app(study: Study, answers_path: str | Path, host: str = "127.0.0.1") -
             # fsync blocks: off the event loop, so other annotators' requests are not held up.
             clean = await run_in_threadpool(log.add, record)
         except AnswerError as err:
-            return _error(str(err), err.status)
+            return _error(str(err), err.status, err.code)
         return JSONResponse({"ok": True, "trial": clean["trial"], "answered": len(log.answered(clean["annotator"]))})
 
     routes = [
