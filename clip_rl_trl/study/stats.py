@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping, Sequence
 
-__all__ = ["Z_95", "binomial_test", "cohen_kappa", "fleiss_kappa", "mean_interval", "wilson_interval"]
+__all__ = ["Z_95", "binomial_test", "category_counts", "cohen_kappa", "fleiss_kappa", "mean_interval", "wilson_interval"]
 
 #: the 97.5% quantile of the standard normal distribution: two-sided 95% intervals
 Z_95 = 1.959963984540054
