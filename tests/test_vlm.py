@@ -211,6 +211,10 @@ def test_resume_is_exact_and_the_adapter_reloads(setup, kind: str, tmp_path) -> 
     metrics = resumed.evaluate()
     assert "eval/p_at_1_100" in metrics and "eval/recall_at_1" in metrics
     resumed.save_model(str(tmp_path / "adapter"))
+    resumed.create_model_card()
+    card = (tmp_path / "resumed" / "README.md").read_text()
+    assert "LoRA r=4" in card and "caption prompt" in card and "Describe this image in one sentence." in card
+    assert (tmp_path / "adapter" / "processor_config.json").is_file()  # the processor is saved with the adapter
     base, processor = build_shapes_toy_vlm(kind)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     policy = CausalVLMPolicy(processor)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -69,11 +72,18 @@ CARD_SETTINGS = ("baseline", "gt_loss_weight", "gt_weighting", "train_decoding",
                  "loss_type")
 
 
-def captioner_details(base: Any, trained: Any) -> dict[str, Any]:
-    """Class, ClipCap's prefix settings, parameter counts of the captioner ``base`` (``trained``: as trained,
-    e.g. inside PEFT, for the trainable count)."""
+def captioner_details(base: Any, trained: Any, prompt: str | None = None) -> dict[str, Any]:
+    """Class, base checkpoint, ClipCap's prefix settings, LoRA settings, the caption prompt and parameter counts of
+    the captioner ``base`` (``trained``: as trained, e.g. inside PEFT, for the adapter and the trainable count)."""
     details: dict[str, Any] = {"class": type(base).__name__}
     config = getattr(base, "config", None)
+    if getattr(config, "_name_or_path", ""):
+        details["base model"] = config._name_or_path
+    peft = getattr(trained, "peft_config", {}).get("default")
+    if peft is not None:
+        details["adapter"] = f"LoRA r={peft.r}, alpha={peft.lora_alpha}"
+    if prompt:
+        details["caption prompt"] = json.dumps(prompt)  # one line, newlines and quotes visible
     for key in ("prefix_dim", "prefix_length", "mapper_type"):
         if hasattr(config, key):
             details[key] = getattr(config, key)
@@ -84,7 +94,7 @@ def captioner_details(base: Any, trained: Any) -> dict[str, Any]:
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -116,6 +126,9 @@ def model_card_text(
     meta += [f"- {tag}" for tag in tags]
     if dataset_name:
         meta += ["datasets:", f"- {dataset_name}"]
+    base_model = str(captioner_details.get("base model", ""))
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) and not os.path.exists(base_model):  # a Hub id, not a folder
+        meta.append(f"base_model: {base_model}")
     meta.append("---")
     parts = [
         "\n".join(meta),

@@ -570,7 +570,7 @@ class CaptionRLTrainer(GRPOTrainer):
         text = model_card_text(
             model_name=model_name or os.path.basename(os.path.normpath(args.output_dir)),
             captioner=type(base).__name__,
-            captioner_details=captioner_details(base, self.model),
+            captioner_details=captioner_details(base, self.model, getattr(self.policy, "prompt", None)),
             rewards=list(zip(self.reward_func_names, self.reward_weights.tolist(), strict=True)),
             settings=settings,
             metrics=self.last_eval_metrics,
