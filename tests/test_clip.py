@@ -169,3 +169,58 @@ def test_shared_encoding_runs_the_text_tower_once_per_distinct_list(scorer: Clip
         scorer.encode_texts_shared([f"caption {i}"])
     scorer.encode_texts_shared(step)  # evicted by the newer lists: encoded again
     assert calls[-1] == 3 and len(calls) == 2 + scorer.shared_capacity + 1
+
+
+def _tricky_texts() -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(0x20, 0x7F)] + list("\t\n\r\x00\x1b&éü—’“”ﬁＡ😀") + ["&amp;", "&lt;b&gt;"]
+    texts = ["", " ", "a red circle", "A  Red\tCircle  ", "I'm here, it's 3.5km!", "<start_of_text> x",
+             "<END_OF_TEXT>", "don't&amp;do", "café crème", "naïve ﬁle", "\x1b[31mred", "line\r\nbreak",
+             "word " * 40, "supercalifragilisticexpialidocious antidisestablishmentarianism"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(400)]
+    return texts
+
+
+@pytest.mark.parametrize("clean", ["lower", "whitespace"])
+def test_fast_tokenization_is_open_clips_token_for_token(scorer: ClipScorer, clean: str) -> None:
+    # ClipScorer encodes open_clip's SimpleTokenizer texts itself (faster); ids and truncation counts must equal
+    # the tokenizer's own, on plain captions and on text that needs ftfy / html cleaning or is not ASCII.
+    from clip_rl_trl.clip import _FastClipTokens
+
+    tokenizer = open_clip.SimpleTokenizer(context_length=24, clean=clean)
+    assert _FastClipTokens.supports(tokenizer)
+    fast = ClipScorer(scorer.model, tokenizer, scorer.preprocess)
+    texts = _tricky_texts()
+    for _ in range(2):  # second pass: every text and word from the memo
+        torch.testing.assert_close(fast.tokenize(texts), tokenizer(texts), rtol=0, atol=0)
+        assert [fast._fast().encode(t) for t in texts] == [tokenizer.encode(t) for t in texts]
+    # The same embeddings and truncation count as the tokenizer's own path (a plain function takes that path).
+    def plain(batch):
+        return tokenizer(batch)
+
+    plain.encode, plain.context_length = tokenizer.encode, 24  # what the slow path counts truncations with
+    slow = ClipScorer(scorer.model, plain, scorer.preprocess)
+    torch.testing.assert_close(fast.encode_texts(texts), slow.encode_texts(texts), rtol=0, atol=0)
+    assert fast.num_truncated == slow.num_truncated == sum(len(tokenizer.encode(t)) > 22 for t in texts) > 0
+
+
+def test_other_tokenizers_keep_their_own_path(scorer: ClipScorer) -> None:
+    from clip_rl_trl.clip import _FastClipTokens
+
+    calls = []
+
+    def plain(texts):
+        calls.append(list(texts))
+        return scorer.tokenizer(texts)
+
+    other = ClipScorer(scorer.model, plain, scorer.preprocess)
+    assert not _FastClipTokens.supports(plain) and other._fast() is None
+    torch.testing.assert_close(other.encode_texts(["a red circle"]), scorer.encode_texts(["a red circle"]))
+    assert calls == [["a red circle"]]
+    # A scorer whose tokenizer is replaced follows the new one.
+    swapped = ClipScorer(scorer.model, scorer.tokenizer, scorer.preprocess)
+    assert swapped._fast() is not None
+    swapped.tokenizer = plain
+    assert swapped._fast() is None

@@ -46,7 +46,7 @@ unknown-word token (``<unk>``; Idefics3's is ``<|endoftext|>``). The image place
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -213,17 +213,28 @@ def _qwen(kind: str, image_size: int, words: list[str]) -> tuple[Any, Any, Any, 
     return config, model_class, processor, {"eos_token_id": eos}
 
 
-def _idefics3(image_size: int, words: list[str]) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """Idefics3 as SmolVLM-256M-Instruct configures it, at one square, unsplit image of ``image_size``."""
+def _idefics3(
+    image_size: int, words: list[str], sizes: Mapping[str, Any] | None = None
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Idefics3 as SmolVLM-256M-Instruct configures it, at one square, unsplit image of ``image_size``; ``sizes``
+    overrides the toy widths (see :func:`build_toy_vlm`)."""
     import transformers as tf
 
-    _check_divisible(image_size, 2 * _PATCH, "idefics3")
+    sizes = dict(sizes or {})
+    unknown = set(sizes) - {"text", "vision", "scale_factor"}
+    if unknown:
+        raise ValueError(f"sizes: unknown keys {sorted(unknown)}; known: text, vision, scale_factor")
+    patch, scale = sizes.get("vision", {}).get("patch_size", _PATCH), sizes.get("scale_factor", 2)
+    _check_divisible(image_size, scale * patch, "idefics3")
     tokenizer = toy_tokenizer(
         words, head=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), tail=_IDEFICS3_SPECIALS,
         eos="<end_of_utterance>", pad="<|im_end|>", bos="<|im_start|>", unk="<|endoftext|>",
     )
-    scale = 2
-    image_seq_len = (image_size // _PATCH) ** 2 // scale**2
+    vocab = sizes.get("text", {}).get("vocab_size", len(tokenizer))
+    if vocab != len(tokenizer):
+        raise ValueError(f"sizes: text vocab_size {vocab} but the tokenizer has {len(tokenizer)} tokens; give "
+                         "as many words as the vocabulary needs")
+    image_seq_len = (image_size // patch) ** 2 // scale**2
     image_processor = tf.Idefics3ImageProcessor(
         size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=False,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
@@ -231,9 +242,11 @@ def _idefics3(image_size: int, words: list[str]) -> tuple[Any, Any, Any, dict[st
     processor = tf.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                      image_seq_len=image_seq_len, chat_template=_IDEFICS3_TEMPLATE)
     config = tf.Idefics3Config(
-        text_config={"model_type": "llama", **_text_sizes(), "vocab_size": len(tokenizer), **_token_ids(tokenizer)},
+        text_config={"model_type": "llama", **_text_sizes(), "vocab_size": len(tokenizer), **_token_ids(tokenizer),
+                     **sizes.get("text", {})},
         vision_config={"hidden_size": _WIDTH, "intermediate_size": 2 * _WIDTH, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": image_size, "patch_size": _PATCH},
+                       "num_attention_heads": 2, "image_size": image_size, "patch_size": _PATCH,
+                       **sizes.get("vision", {})},
         scale_factor=scale,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
@@ -270,7 +283,7 @@ def _check_divisible(image_size: int, step: int, kind: str) -> None:
         raise ValueError(f"{kind}: image_size must be a multiple of {step}, got {image_size}")
 
 
-_BUILDERS: dict[str, Callable[[int, list[str]], tuple[Any, Any, Any, dict[str, Any]]]] = {
+_BUILDERS: dict[str, Callable[..., tuple[Any, Any, Any, dict[str, Any]]]] = {
     "qwen2_vl": lambda size, words: _qwen("qwen2_vl", size, words),
     "qwen2_5_vl": lambda size, words: _qwen("qwen2_5_vl", size, words),
     "idefics3": _idefics3,
@@ -282,7 +295,12 @@ TOY_VLM_KINDS: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def build_toy_vlm(
-    kind: str, *, image_size: int = 32, seed: int = 0, words: Sequence[str] | None = None
+    kind: str,
+    *,
+    image_size: int = 32,
+    seed: int = 0,
+    words: Sequence[str] | None = None,
+    sizes: Mapping[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """A tiny random VLM of family ``kind`` (one of :data:`TOY_VLM_KINDS`) and its real processor, offline.
 
@@ -294,6 +312,11 @@ def build_toy_vlm(
             the same seed gives the same ``state_dict``.
         words: the caption words of the vocabulary (default: the shapes world's, ``ShapesLanguage.vocabulary``);
             the instruction's and chat template's words and the family's special tokens are always added.
+        sizes: ``idefics3`` only: widths other than the toy's, ``{"text": {...}, "vision": {...},
+            "scale_factor": n}`` (``Idefics3Config``'s ``text_config`` / ``vision_config`` entries, e.g.
+            SmolVLM-256M's in ``benchmarks/rl_step_throughput.py``). ``image_size`` must be a multiple of
+            ``scale_factor * patch_size``; a ``vocab_size`` must equal the tokenizer's size (pass enough
+            ``words``). The processor's image tokens follow: ``(image_size / patch_size) ** 2 / scale_factor ** 2``.
 
     Returns:
         ``(model, processor)``: the model in eval mode, fp32 on the CPU, with ``config`` and
@@ -307,7 +330,11 @@ def build_toy_vlm(
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
     from transformers import GenerationConfig
 
-    config, model_class, processor, generation = _BUILDERS[kind](image_size, toy_words(words))
+    if sizes is not None and kind != "idefics3":
+        raise ValueError(f"sizes overrides only the idefics3 toy's widths, not {kind!r}'s")
+    builder = _BUILDERS[kind]
+    extra = (sizes,) if sizes is not None else ()
+    config, model_class, processor, generation = builder(image_size, toy_words(words), *extra)
     tokenizer = processor.tokenizer
     ids = _token_ids(tokenizer)
     for key, value in ids.items():
