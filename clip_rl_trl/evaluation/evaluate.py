@@ -226,8 +226,9 @@ def evaluate_captions(
 
     # CIDErBtw (Wang et al. 2020): CIDEr-D against the references of the same similar-image groups; lower is more
     # distinctive. Document frequencies from the references given (evaluation/distinctiveness.py).
-    corpus = CiderD(refs, normalize=True) if refs is not None else None
-    if corpus is None:
+    needs_corpus = refs is not None and (groups is not None or samples is not None)
+    corpus = CiderD(refs, normalize=True) if needs_corpus else None
+    if refs is None:
         _skip(skipped, ("cider_btw",), "no references given (refs=None)")
     elif groups is None:
         _skip(skipped, ("cider_btw",), "no similar-image groups given (groups=None)")
