@@ -10,16 +10,27 @@ Each repetition scores new captions (as every RL step does), so the shared text 
 repetitions. Run (about 3 minutes on 2 CPU cores, seconds on a GPU):
 
     python benchmarks/reward_pipeline.py --model ViT-B-32 --captions 512 --generations 4
+
+``--host`` instead times the host-side (device-independent) work of one RL step at ``--captions`` captions, which on
+a fast GPU decides throughput: CLIP tokenization (open_clip's tokenizer as ``ClipScorer`` used it, every caption
+encoded twice, against its exact fast path now), decoding caption ids to text (the trainer's per-row loop against
+one ``batch_decode``), image-embedding-cache look-ups, the in-batch P@1 target list, and Hugging Face
+``generate``'s per-token overhead for ClipCap (against a bare cached forward loop). One torch thread:
+
+    python benchmarks/reward_pipeline.py --host --captions 1024
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from clip_rl_trl import (
@@ -58,6 +69,136 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
     return times
 
 
+def best_of(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` calls (host-only code: the minimum is the least disturbed by other jobs)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def host(args: argparse.Namespace) -> None:
+    """Host-side costs of one RL step at ``args.captions`` captions (CPU, one thread)."""
+    import open_clip
+    from transformers import DynamicCache
+
+    from clip_rl_trl.clip import _FastClipTokens
+    from clip_rl_trl.models.policies import completion_mask
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from rl_step_throughput import gpt2_tokenizer
+
+    torch.set_num_threads(1)
+    n, reps, length = args.captions, args.repeats, 16
+    rng = np.random.default_rng(0)
+    gpt_tok = gpt2_tokenizer(50257)
+    eos = gpt_tok.eos_token_id
+
+    def policy_ids() -> torch.Tensor:  # what a random GPT-2-sized policy samples: 16 words, some stopped early
+        ids = torch.from_numpy(rng.integers(0, eos, (n, length)))
+        stop = torch.from_numpy(rng.integers(8, length + 4, n))
+        ids[torch.arange(length)[None, :] >= stop[:, None]] = eos
+        return ids
+
+    print(f"host-side costs of one step at {n} captions, {length} tokens each; CPU, 1 torch thread; best of {reps}")
+    # -- CLIP tokenization: before (count truncations with encode, then tokenizer(texts)) vs the fast path
+    tok = open_clip.get_tokenizer(args.model)
+    ctx = tok.context_length
+    for name, make in [
+        ("random-policy captions", lambda: [t.strip() for t in gpt_tok.batch_decode(policy_ids().tolist(),
+                                                                                   skip_special_tokens=True)]),
+        ("COCO-like captions", lambda: captions_for(0, n, rng)),
+    ]:
+        batches = [make() for _ in range(reps + 1)]
+
+        def before(texts):
+            sum(len(tok.encode(t)) > ctx - 2 for t in texts)
+            return tok(texts)
+
+        def after(fast, texts):
+            encoded = [fast.encode(t) for t in texts]
+            sum(len(ids) > ctx - 2 for ids in encoded)
+            return fast.tensor(encoded, ctx)
+
+        assert torch.equal(before(batches[0]), after(_FastClipTokens(tok), batches[0]))
+        t_before = min(best_of(lambda b=b: before(b), 1) for b in batches[1:])
+        t_cold = min(best_of(lambda b=b: after(_FastClipTokens(tok), b), 1) for b in batches[1:])
+        warm = _FastClipTokens(tok)
+        after(warm, batches[0])  # the previous step's captions: their words are known, these texts are not
+        t_warm = min(best_of(lambda b=b, w=warm: after(w, b), 1) for b in batches[1:])
+        seen = batches[1]  # every caption seen before (a collapsed policy)
+        t_seen = best_of(lambda w=warm, b=seen: after(w, b), reps)
+        print(f"  CLIP tokenization, {name}: before {t_before * 1e3:.1f} ms; fast path {t_cold * 1e3:.1f} ms "
+              f"(memo empty, {t_before / t_cold:.1f}x), {t_warm * 1e3:.1f} ms (after the previous step's captions, "
+              f"{t_before / t_warm:.1f}x), {t_seen * 1e3:.2f} ms (captions seen)")
+    # -- decoding ids to text: the trainer's per-row loop vs one batch_decode
+    ids = policy_ids()
+    mask = completion_mask(ids, eos)
+
+    def per_row():
+        return [gpt_tok.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True).strip()
+                for row, m in zip(ids, mask, strict=True)]
+
+    def batched():
+        lengths = mask.sum(1).tolist()
+        rows = [row[:k] for row, k in zip(ids.tolist(), lengths, strict=True)]
+        return [t.strip() for t in gpt_tok.batch_decode(rows, skip_special_tokens=True)]
+
+    def rust_batch():  # the Rust tokenizer's own batch decode (the same strings: no Python clean-up is configured)
+        lengths = mask.sum(1).tolist()
+        rows = [row[:k] for row, k in zip(ids.tolist(), lengths, strict=True)]
+        return [t.strip() for t in gpt_tok.backend_tokenizer.decode_batch(rows, skip_special_tokens=True)]
+
+    assert per_row() == batched() == rust_batch()
+    t_row, t_batch, t_rust = best_of(per_row, reps), best_of(batched, reps), best_of(rust_batch, reps)
+    print(f"  decode (trainer._decode): per row {t_row * 1e3:.1f} ms ({2 * n} host syncs on a GPU: int(m.sum()) "
+          f"and .tolist() per row); one .tolist() + batch_decode {t_batch * 1e3:.1f} ms ({t_row / t_batch:.1f}x); "
+          f"+ backend_tokenizer.decode_batch {t_rust * 1e3:.1f} ms ({t_row / t_rust:.1f}x); same strings")
+    # -- image-embedding-cache look-ups by id (the trainer looks up the batch's ids 4 times a step)
+    cache = ImageEmbeddingCache([f"img-{i}" for i in range(100_000)], torch.randn(100_000, 512))
+    batch_ids = [f"img-{i}" for i in rng.integers(0, 100_000, n // 4) for _ in range(4)]
+    t_cache = best_of(lambda: cache[batch_ids], reps)
+    print(f"  cache[{n} str ids] of a 100k x 512 cache: {t_cache * 1e3:.2f} ms")
+    # -- trainer._in_batch_p_at_1's targets: list.index per caption vs a dict
+    distinct = list(dict.fromkeys(batch_ids))
+    t_index = best_of(lambda: torch.tensor([distinct.index(i) for i in batch_ids]), reps)
+
+    def by_dict():
+        position = {k: j for j, k in enumerate(distinct)}
+        return torch.tensor([position[i] for i in batch_ids])
+
+    assert torch.equal(by_dict(), torch.tensor([distinct.index(i) for i in batch_ids]))
+    t_dict = best_of(by_dict, reps)
+    print(f"  in-batch P@1 targets: list.index {t_index * 1e3:.2f} ms, dict {t_dict * 1e3:.2f} ms")
+    # -- HF generate's per-token overhead for ClipCap: a 12-layer GPT-2 of width 64 (compute negligible), batch 8
+    from transformers import GPT2Config
+
+    from clip_rl_trl import ClipCapConfig, ClipCapModel
+
+    torch.manual_seed(0)
+    gpt = GPT2Config(vocab_size=50257, n_layer=12, n_embd=64, n_head=2)
+    model = ClipCapModel(ClipCapConfig(prefix_dim=512, prefix_length=10, gpt2_config=gpt.to_dict())).eval()
+    emb = F.normalize(torch.randn(8, 512), dim=-1)
+    steps = 32
+
+    def hf_generate():
+        model.generate(emb, do_sample=True, top_k=0, max_new_tokens=steps)  # a random model rarely stops early
+
+    @torch.no_grad()
+    def bare_loop():
+        cache_kv = DynamicCache()
+        out = model.gpt(inputs_embeds=model.prefix_embeds(emb), past_key_values=cache_kv, use_cache=True)
+        for _ in range(steps - 1):
+            token = torch.multinomial(out.logits[:, -1].float().softmax(-1), 1)
+            out = model.gpt(input_ids=token, past_key_values=cache_kv, use_cache=True)
+
+    t_gen, t_bare = best_of(hf_generate, reps) / steps, best_of(bare_loop, reps) / steps
+    print(f"  ClipCap sampling per token (12 layers x 64, batch 8): HF generate {t_gen * 1e3:.2f} ms, bare cached "
+          f"forward loop {t_bare * 1e3:.2f} ms: generate's own overhead {(t_gen - t_bare) * 1e3:.2f} ms per token")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights)")
@@ -65,7 +206,11 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4, help="captions per image")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--host", action="store_true", help="time the host-side costs of one step instead")
     args = parser.parse_args()
+    if args.host:
+        host(args)
+        return
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
