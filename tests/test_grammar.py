@@ -269,9 +269,13 @@ def test_training_and_scoring_see_the_same_prompt(scorer: ClipScorer, monkeypatc
     captions = _captions()[:8]
     image_emb = F.normalize(torch.randn(8, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
     seen: list[str] = []
-    tokenize = ClipScorer.tokenize
+    # Training tokenizes (the text tower is trained); scoring encodes through encode_texts: watch both doors.
+    tokenize, encode = ClipScorer.tokenize, ClipScorer.encode_texts
     monkeypatch.setattr(
         ClipScorer, "tokenize", lambda self, texts: seen.extend(texts) or tokenize(self, texts)
+    )
+    monkeypatch.setattr(
+        ClipScorer, "encode_texts", lambda self, texts, **kw: seen.extend(texts) or encode(self, texts, **kw)
     )
     tuned, head = train_grammar_head(
         scorer, image_emb, captions, epochs=1, batch_size=4, lr=1e-3, prompt=prompt, progress=False
