@@ -169,3 +169,23 @@ def test_teacher_forced_logits_match_generation(toy):
         logits = model(**full, logits_to_keep=ids.shape[1] + 1).logits[:, :-1]
     assert (enc["attention_mask"] == 0).any() == kind.startswith("qwen")
     assert torch.allclose(logits, torch.stack(out.logits, dim=1), atol=1e-5)
+
+
+def test_idefics3_sizes_override_the_toy_widths():
+    # benchmarks/rl_step_throughput.py builds a SmolVLM-256M-sized model this way; here at small widths.
+    sizes = {"text": {"hidden_size": 48, "num_attention_heads": 3, "num_key_value_heads": 1, "num_hidden_layers": 3},
+             "vision": {"hidden_size": 24, "patch_size": 8}, "scale_factor": 4}
+    model, processor = build_toy_vlm("idefics3", image_size=64, sizes=sizes)
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.num_hidden_layers) == (48, 3, 1, 3)
+    assert (vision.hidden_size, vision.patch_size, vision.image_size, model.config.scale_factor) == (24, 8, 64, 4)
+    enc = processor(images=[Image.new("RGB", (64, 48), "red")], text=[vlm_prompt(processor)], return_tensors="pt")
+    assert int((enc["input_ids"] == model.config.image_token_id).sum()) == (64 // 8) ** 2 // 4**2
+    with torch.no_grad():
+        assert model(**enc).logits.shape[-1] == len(processor.tokenizer)
+    with pytest.raises(ValueError, match="vocab_size 10 but the tokenizer has"):
+        build_toy_vlm("idefics3", sizes={"text": {"vocab_size": 10}})
+    with pytest.raises(ValueError, match="only the idefics3"):
+        build_toy_vlm("llava", sizes={})
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_toy_vlm("idefics3", image_size=48, sizes={"vision": {"patch_size": 8}, "scale_factor": 4})
