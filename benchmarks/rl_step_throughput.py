@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import resource
@@ -401,19 +402,22 @@ def main() -> None:
             for stock in sides:
                 try:
                     row = run(kind, stock, batch, opts, scorer, cache)
-                except Exception as err:  # a stock trainer that cannot drive the model is reported, not fatal
-                    if not stock:
+                except Exception as err:  # out of memory, or a stock trainer that cannot drive the model
+                    if not (stock or isinstance(err, torch.OutOfMemoryError)):
                         raise
-                    print(f"stock GRPOTrainer on {kind} at batch {batch} failed: {type(err).__name__}: {err}")
+                    side = "stock GRPOTrainer" if stock else "CaptionRLTrainer"
+                    print(f"{side} on {kind} at batch {batch} failed: {type(err).__name__}: {err}", flush=True)
                     continue
+                finally:  # the next configuration's peak memory must not count this one's leftovers
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 rows.append(row)
                 print(f"  {kind} {row['trainer']} batch {batch}: {row['captions_per_s']:.1f} captions/s", flush=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                if opts.json:  # after every row: a run stopped by a time limit keeps what it measured
+                    with open(opts.json, "w") as f:
+                        json.dump(rows, f, indent=1)
     print(table(rows))
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
