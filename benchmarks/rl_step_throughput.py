@@ -330,6 +330,7 @@ def run(kind: str, stock: bool, batch: int, opts: argparse.Namespace, scorer: Cl
         "captions_per_s": batch / median, "peak_memory_mb": peak_memory_mb(device),
         "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
         **{f"share_{k}": v for k, v in shares.items()},
+        **{f"seconds_{k}": v * total / len(steps) for k, v in shares.items()},  # mean per timed step
         "completion_tokens": statistics.mean(lengths[opts.warmup :]),
     }
 
@@ -365,6 +366,9 @@ def main() -> None:
     parser.add_argument("--stock", choices=("auto", "off"), default="auto",
                         help="time the stock trl.GRPOTrainer beside ours where it can drive the model (text, vlm)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU, for a smoke test")
+    parser.add_argument("--clip-tokenizer", choices=("fast", "open_clip"), default="fast",
+                        help="open_clip: ClipScorer without its fast tokenization path (as before issue 13's fix: "
+                        "every caption through open_clip's tokenizer twice), to measure the fix inside a step")
     parser.add_argument("--json", default=None, help="write the rows to this file")
     opts = parser.parse_args()
     if opts.tiny:
@@ -390,11 +394,14 @@ def main() -> None:
     opts.distinct_pixels = min(opts.images, 64)
 
     scorer = make_judge(opts, device)
+    if opts.clip_tokenizer == "open_clip":
+        scorer._fast = lambda: None  # encode_texts then counts truncations and tokenizes with the tokenizer itself
     cache = make_cache(opts.images, scorer)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, 1 thread'}), "
           f"{'bf16' if opts.bf16 else 'fp32'}, {'tiny sizes' if opts.tiny else 'full sizes'}; "
           f"{opts.num_generations} captions per image, max_completion_length {opts.max_completion_length}, "
-          f"{opts.warmup} warm-up + {opts.steps} timed steps; torch {torch.__version__}", flush=True)
+          f"{opts.warmup} warm-up + {opts.steps} timed steps; CLIP tokenization {opts.clip_tokenizer}; "
+          f"torch {torch.__version__}", flush=True)
     rows = []
     for kind in models:
         for batch in opts.batches:

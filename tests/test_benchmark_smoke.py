@@ -12,7 +12,8 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rl_step_throughput.py"
 KEYS = {"model", "trainer", "batch", "device", "dtype", "steps", "median_step_s", "captions_per_s", "peak_memory_mb",
         "memory_kind", "share_generation", "share_rewards", "share_inputs", "share_loss_backward", "share_other",
-        "completion_tokens"}
+        "completion_tokens", "seconds_generation", "seconds_rewards", "seconds_inputs", "seconds_loss_backward",
+        "seconds_other"}
 
 
 def test_rl_step_throughput_tiny(tmp_path: Path) -> None:
@@ -36,4 +37,6 @@ def test_rl_step_throughput_tiny(tmp_path: Path) -> None:
         assert all(s >= 0 for s in shares) and abs(sum(shares) - 1) < 1e-6
         assert row["share_generation"] > 0 and row["share_rewards"] > 0 and row["share_loss_backward"] > 0
         assert abs(row["captions_per_s"] * row["median_step_s"] - 8) < 1e-6
+        seconds = [row[k] for k in sorted(KEYS) if k.startswith("seconds_")]
+        assert all(s >= 0 for s in seconds) and row["seconds_rewards"] > 0
     assert "| model | trainer | batch |" in proc.stdout and "ours/stock" in proc.stdout
