@@ -135,6 +135,7 @@ class _FastClipTokens:
             type(tokenizer) is SimpleTokenizer
             and getattr(tokenizer, "reduction_fn", None) is None
             and getattr(tokenizer, "clean_fn", None) in (_clean_lower, _clean_whitespace)
+            and all(hasattr(tokenizer, name) for name in ("pat", "bpe", "encoder", "sot_token_id", "eot_token_id"))
         )
 
     def encode(self, text: str) -> list[int]:
