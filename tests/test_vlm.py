@@ -133,6 +133,25 @@ def test_the_processors_outputs_are_found_and_kept_by_row(setup, kind: str) -> N
     assert torch.equal(model_inputs["pixel_values"], enc["pixel_values"])
 
 
+@pytest.mark.parametrize("kind", ["qwen2_vl", "idefics3"])
+def test_an_images_samples_share_one_preprocessing(setup, kind: str) -> None:
+    """Rows of one image_id (a step's samples of an image) are preprocessed once and copied: the tensors equal
+    those of preprocessing every row."""
+    data, _, _ = setup
+    _, processor = build_shapes_toy_vlm(kind)
+    policy = CausalVLMPolicy(processor)
+    distinct = _rows(data, 2)
+    rows = [distinct[0], distinct[0], distinct[1], distinct[1]]
+    calls = []
+    encode = policy._encode
+    policy._encode = lambda images: calls.append(len(images)) or encode(images)
+    got = policy.image_inputs(rows, torch.device("cpu"))
+    assert calls == [2]
+    for key, value in got.items():
+        want = policy.image_inputs([dict(r, image_id=i) for i, r in enumerate(rows)], torch.device("cpu"))[key]
+        assert torch.equal(value, want), key
+
+
 def test_the_prompt_is_the_instruction_through_the_chat_template() -> None:
     _, processor = build_shapes_toy_vlm("qwen2_vl")
     prompt = vlm_prompt(processor)

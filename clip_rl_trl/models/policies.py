@@ -115,31 +115,46 @@ def caption_rows(
     try:
         for start in range(0, len(rows), batch_size):
             ids = policy.generate(model, policy.image_inputs(rows[start : start + batch_size], device), **generate_kwargs)
-            mask = completion_mask(ids, tokenizer.eos_token_id)
-            captions += [
-                tokenizer.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True).strip()
-                for row, m in zip(ids, mask, strict=True)
-            ]
+            captions += decode_captions(ids, completion_mask(ids, tokenizer.eos_token_id), tokenizer)
     finally:
         model.train(was_training)
     return captions
 
 
-def load_images(rows: Rows, column: str) -> list[Any]:
-    """RGB PIL images from ``rows[column]``: PIL images, file paths or undecoded ``datasets.Image`` values. An
-    unreadable one raises an error naming its row, its ``image_id`` when the row has one, and the column."""
+def load_images(rows: Rows, column: str) -> tuple[list[Any], torch.Tensor]:
+    """The distinct RGB PIL images of ``rows[column]`` and, for each row, the position of its image.
+
+    Rows with the same ``image_id`` share one image, decoded and preprocessed once (a step's ``num_generations``
+    samples of an image are rows of their own: preprocessing each would repeat the work that many times). Values
+    may be PIL images, file paths or undecoded ``datasets.Image`` values; an unreadable one raises an error naming
+    its row, its ``image_id`` when the row has one, and the column.
+    """
     from clip_rl_trl.clip import load_image
 
-    images = []
+    images: list[Any] = []
+    positions: dict[Any, int] = {}
+    index = []
     for i, row in enumerate(rows):
         if column not in row:
             raise KeyError(f"row {i} has no image column {column!r}; its columns are {sorted(row)}")
-        try:
-            images.append(load_image(row[column]))
-        except (TypeError, ValueError) as err:
-            image_id = f" (image id {row['image_id']!r})" if "image_id" in row else ""
-            raise type(err)(f"row {i}{image_id}, column {column!r}: {err}") from err
-    return images
+        key = ("id", row["image_id"]) if "image_id" in row else ("row", i)
+        if key not in positions:
+            try:
+                images.append(load_image(row[column]))
+            except (TypeError, ValueError) as err:
+                image_id = f" (image id {row['image_id']!r})" if "image_id" in row else ""
+                raise type(err)(f"row {i}{image_id}, column {column!r}: {err}") from err
+            positions[key] = len(images) - 1
+        index.append(positions[key])
+    return images, torch.tensor(index, dtype=torch.long)
+
+
+def decode_captions(ids: torch.Tensor, mask: torch.Tensor, tokenizer: Any) -> list[str]:
+    """Each row of ``ids`` up to its mask's length (first EOS included), decoded without special tokens: one
+    host copy of the ids and one batched decode (not a device round-trip and a ``decode`` per row)."""
+    lengths = mask.sum(dim=1).tolist()
+    rows = [row[:n] for row, n in zip(ids.tolist(), lengths, strict=True)]
+    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
 class BlipPolicy(CaptionPolicy):
@@ -195,9 +210,9 @@ class BlipPolicy(CaptionPolicy):
         self.pad_token_id = text.pad_token_id
 
     def image_inputs(self, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
-        images = load_images(rows, self.image_column)
+        images, index = load_images(rows, self.image_column)
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixels.to(device)}
+        return {"pixel_values": pixels[index].to(device)}
 
     def _prefix(self, batch: int, device: torch.device) -> torch.Tensor:
         return self.prefix.to(device).unsqueeze(0).expand(batch, -1)

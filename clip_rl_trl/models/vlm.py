@@ -124,8 +124,9 @@ class CausalVLMPolicy(PromptContinuationPolicy):
         )
 
     def image_inputs(self, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
-        enc = self._encode(load_images(rows, self.image_column))
-        n = len(rows)
+        images, index = load_images(rows, self.image_column)
+        enc = self._encode(images)  # each distinct image once; its rows take copies below
+        n = len(images)
         out = {"vlm_prompt_ids": enc["input_ids"], "vlm_prompt_mask": enc["attention_mask"]}
         out.update({key: enc[key] for key in self.aligned_keys})
         for key in self.image_keys:
@@ -135,11 +136,11 @@ class CausalVLMPolicy(PromptContinuationPolicy):
                 value = _pad_by_grid(value, enc[grid])
             if value.shape[0] != n:
                 raise ValueError(
-                    f"image input {key!r} has first dimension {value.shape[0]} for {n} rows and no per-image grid "
-                    "says how to split it; the trainer splits every image input by rows"
+                    f"image input {key!r} has first dimension {value.shape[0]} for {n} images and no per-image "
+                    "grid says how to split it; the trainer splits every image input by rows"
                 )
             out[key] = value
-        return {key: value.to(device) for key, value in out.items()}
+        return {key: value[index].to(device) for key, value in out.items()}
 
     def model_inputs(self, image_inputs: ImageInputs, model: nn.Module, caption_length: int = 0
                      ) -> dict[str, torch.Tensor]:

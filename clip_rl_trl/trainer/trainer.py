@@ -37,7 +37,7 @@ from clip_rl_trl.embeddings import ImageEmbeddingCache
 from clip_rl_trl.evaluation.captioning import evaluate_policy
 from clip_rl_trl.models.clipcap import tokenize_captions
 from clip_rl_trl.models.families import policy_for
-from clip_rl_trl.models.policies import CaptionPolicy, completion_mask, unwrap_peft
+from clip_rl_trl.models.policies import CaptionPolicy, completion_mask, decode_captions, unwrap_peft
 from clip_rl_trl.rewards.callables import DiscriminatorReward
 from clip_rl_trl.trainer.checkpoints import (
     ResumableRepeatSampler,
@@ -236,11 +236,7 @@ class CaptionRLTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ generation and scoring
 
     def _decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        tokenizer = self.caption_tokenizer
-        return [
-            tokenizer.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True).strip()
-            for row, m in zip(ids, mask, strict=True)
-        ]
+        return decode_captions(ids, mask, self.caption_tokenizer)
 
     def _captions(self, image_inputs: dict[str, torch.Tensor], mode: str, greedy: bool = False) -> torch.Tensor:
         kwargs = self.args.generation_settings(mode, greedy)
@@ -389,9 +385,9 @@ class CaptionRLTrainer(GRPOTrainer):
     def _in_batch_p_at_1(self, texts: list[str], ids: list[Any]) -> float:
         """Share of captions whose own image is CLIP's top choice among the batch's distinct images."""
         txt = self.scorer.encode_texts_shared(texts)
-        distinct = list(dict.fromkeys(ids))
-        img = self.image_cache[distinct].to(txt.device, txt.dtype)
-        target = torch.tensor([distinct.index(i) for i in ids], device=txt.device)
+        position = {image_id: k for k, image_id in enumerate(dict.fromkeys(ids))}
+        img = self.image_cache[list(position)].to(txt.device, txt.dtype)
+        target = torch.tensor([position[i] for i in ids], device=txt.device)
         return (txt @ img.T).argmax(dim=1).eq(target).float().mean().item()
 
     # ------------------------------------------------------------------ loss
