@@ -248,7 +248,7 @@ def plot_judges(
             ax.set_xlabel("step")
             ax.set_ylabel(f"P@1 among {candidates}")
             ax.set_ylim(0, 1.02)
-            ax.set_title("over training (evaluations)", fontsize=10)
+            ax.set_title("over training (the trainer's evaluations)", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right" if panel == "curves" else "upper left")
     if title:
