@@ -69,7 +69,8 @@ def test_quick_demo_writes_the_report(tmp_path) -> None:
     assert REPORT_KEYS <= set(report["before"]) and REPORT_KEYS <= set(report["after"])
     assert len((tmp_path / "captions.jsonl").read_text().splitlines()) == 100  # the recipe's toy: 100 test scenes
     assert "| before |" in (tmp_path / "report.md").read_text()
-    for name in ("training.png", "captions.png"):
+    assert "oracle_p_at_1_100" in (tmp_path / "report.md").read_text()  # the exact oracle beside CLIP
+    for name in ("training.png", "captions.png", "judges.png"):
         with Image.open(tmp_path / name) as image:
             assert image.width > 200 and image.height > 200
     # The quick run is short, but the recipe moves the captioner: distinctiveness rises.
