@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from clip_rl_trl.rewards import cider as _cider
 from clip_rl_trl.rewards.cider import CiderD
 
 __all__ = ["cider_btw", "cider_btw_scores", "self_cider", "self_cider_scores"]
@@ -163,13 +162,7 @@ def _kernels(samples: list[list[str]], cider: CiderD) -> np.ndarray:
     n, m = len(samples), len(samples[0])
     # CiderD's own n-gram encoding and tf-idf weighting (with its document frequencies), for all n*m sentences at
     # once: an n-gram unseen in its corpus gets one id for the whole call, idf log N, as CiderD scores candidates.
-    flat = [s for row in samples for s in row]
-    bag = cider._bag(cider._encode(flat, extend=False), len(flat))
-    sentence = bag.keys >> _cider._KEY_BITS
-    feature = bag.keys & _cider._KEY_MASK  # (n-gram id, order)
-    order = feature & _cider._ORDER_MASK
-    norm = bag.norms[sentence, order]
-    unit = np.divide(bag.weights, norm, out=np.zeros_like(bag.weights), where=norm != 0)
+    sentence, feature, unit = cider.unit_tfidf([s for row in samples for s in row])
     # Per image, a dense (m, F_i) matrix of unit-normalised per-order vectors: K = 10/4 * X X^T, a Gram matrix.
     kernels = np.zeros((n, m, m), dtype=np.float64)
     image = sentence // m
@@ -182,7 +175,7 @@ def _kernels(samples: list[list[str]], cider: CiderD) -> np.ndarray:
         x = np.zeros((m, len(cols)))
         x[sentence[lo:hi] - i * m, col.reshape(-1)] = unit[lo:hi]
         kernels[i] = x @ x.T
-    return kernels * (10.0 / _cider._N)
+    return kernels * (10.0 / 4)  # CIDEr's mean over n = 1..4
 
 
 def check_samples(samples: Any) -> list[list[str]]:

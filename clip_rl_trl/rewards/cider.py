@@ -236,6 +236,18 @@ class CiderD:
                 bag.lengths[s0 : s0 + len(refs)],
             )
 
+    def unit_tfidf(self, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tf-idf vectors CIDEr compares, per n-gram order normalised to unit length, of ``sentences``
+        (with this corpus's document frequencies; an n-gram unseen in it gets idf log N), as sparse entries
+        ``(sentence index, feature, value)`` sorted by sentence. A feature is one (n-gram, order) pair, so
+        ``10 / 4 * <v_a, v_b>`` is Vedantam et al.'s CIDEr of two sentences (no clipping, no length penalty)."""
+        bag = self._bag(self._encode(list(sentences), extend=False), len(sentences))
+        sentence = bag.keys >> _KEY_BITS
+        feature = bag.keys & _KEY_MASK
+        norm = bag.norms[sentence, feature & _ORDER_MASK]
+        unit = np.divide(bag.weights, norm, out=np.zeros_like(bag.weights), where=norm != 0)
+        return sentence, feature, unit
+
     def _bag(self, per_order: list[tuple[np.ndarray, np.ndarray]], num_sentences: int) -> _Bag:
         """Term frequencies, tf-idf weights, per-order norms and penalty lengths of encoded sentences."""
         keys = np.concatenate(
