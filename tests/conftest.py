@@ -36,6 +36,15 @@ def make_tiny_scorer(seed: int = 0, batch_size: int = 256) -> ClipScorer:
     )
 
 
+def tiny_shapes_setup(world: Any) -> tuple[Any, ClipScorer, Any]:
+    """16 training rows of ``world`` with their images, :func:`make_tiny_scorer`'s judge and its embedding cache."""
+    from clip_rl_trl import ImageEmbeddingCache
+
+    data = world.to_dataset(16, "train")
+    scorer = make_tiny_scorer()
+    return data, scorer, ImageEmbeddingCache.build(data, scorer, progress=False)
+
+
 def tiny_gpt2_config(tokenizer: Any, **overrides: Any) -> GPT2Config:
     """A 2-layer, width-32 GPT-2 over ``tokenizer``'s vocabulary, with its BOS / EOS / PAD ids; context 48."""
     from transformers import GPT2Config

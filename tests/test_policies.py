@@ -4,7 +4,7 @@ tests/test_vlm.py)."""
 
 import pytest
 import torch
-from conftest import make_tiny_scorer, tiny_gpt2_config, tiny_rl_args
+from conftest import tiny_gpt2_config, tiny_rl_args, tiny_shapes_setup
 from transformers import (
     BertTokenizerFast,
     BlipConfig,
@@ -19,7 +19,6 @@ from clip_rl_trl import (
     CaptionRLTrainer,
     ClipCapConfig,
     ClipCapModel,
-    ImageEmbeddingCache,
     ShapesWorld,
 )
 from clip_rl_trl.data import ShapesLanguage
@@ -77,10 +76,7 @@ def world() -> ShapesWorld:
 @pytest.fixture(scope="module")
 def setup(world):
     """Shapes rows with their images, a tiny random CLIP judge and its embedding cache (as in test_trainer)."""
-    data = world.to_dataset(16, "train")
-    scorer = make_tiny_scorer()
-    cache = ImageEmbeddingCache.build(data, scorer, progress=False)
-    return data, scorer, cache
+    return tiny_shapes_setup(world)
 
 
 def rows(data, n: int = 3) -> list[dict]:

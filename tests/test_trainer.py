@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_tiny_clipcap, make_tiny_scorer, tiny_rl_args
+from conftest import make_tiny_clipcap, tiny_rl_args, tiny_shapes_setup
 from trl import GRPOTrainer
 
 from clip_rl_trl import (
@@ -14,7 +14,6 @@ from clip_rl_trl import (
     ClipCapModel,
     Discriminator,
     DiscriminatorReward,
-    ImageEmbeddingCache,
     RetrievalReward,
     ShapesWorld,
 )
@@ -30,9 +29,7 @@ def world() -> ShapesWorld:
 @pytest.fixture(scope="module")
 def setup(world):
     torch.manual_seed(0)
-    data = world.to_dataset(16, "train")
-    scorer = make_tiny_scorer()
-    cache = ImageEmbeddingCache.build(data, scorer, progress=False)
+    data, scorer, cache = tiny_shapes_setup(world)
     return data.remove_columns("image"), scorer, cache, ShapesLanguage.word_tokenizer()
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_scorer, tiny_rl_args
+from conftest import tiny_rl_args, tiny_shapes_setup
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from clip_rl_trl import BidirectionalReward, CaptionRLTrainer, ImageEmbeddingCache, ShapesWorld
+from clip_rl_trl import BidirectionalReward, CaptionRLTrainer, ShapesWorld
 from clip_rl_trl.baselines import BASELINES
 from clip_rl_trl.models.families import family
 from clip_rl_trl.models.policies import completion_mask, unwrap_peft
@@ -21,15 +21,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def world() -> ShapesWorld:
-    return ShapesWorld(seed=0)
-
-
-@pytest.fixture(scope="module")
-def setup(world):
-    data = world.to_dataset(16, "train")
-    scorer = make_tiny_scorer()
-    return data, scorer, ImageEmbeddingCache.build(data, scorer, progress=False)
+def setup():
+    return tiny_shapes_setup(ShapesWorld(seed=0))
 
 
 def _rows(data, n: int) -> list[dict]:
