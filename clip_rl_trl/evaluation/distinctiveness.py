@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from clip_rl_trl.evaluation.nlg import check_refs
 from clip_rl_trl.rewards.cider import CiderD
 
 __all__ = ["cider_btw", "cider_btw_scores", "self_cider", "self_cider_scores"]
@@ -37,24 +38,6 @@ def _check_captions(captions: Any, name: str) -> list[str]:
         if not isinstance(caption, str):
             raise TypeError(f"{name}[{i}] is {type(caption).__name__}, expected str")
     return list(captions)
-
-
-def _check_refs(refs: Any, n: int) -> list[list[str]]:
-    if isinstance(refs, (str, bytes)) or not isinstance(refs, Sequence):
-        raise TypeError(f"refs must be a list of reference lists, got {type(refs).__name__}")
-    if len(refs) != n:
-        raise ValueError(f"got {n} captions but {len(refs)} reference lists: refs[j] are the references of image j")
-    out = []
-    for j, rs in enumerate(refs):
-        if isinstance(rs, (str, bytes)) or not isinstance(rs, Sequence):
-            raise TypeError(f"refs[{j}] must be a list of reference strings, got {type(rs).__name__}")
-        if not rs:
-            raise ValueError(f"refs[{j}] is empty: every image needs at least one reference caption")
-        for k, r in enumerate(rs):
-            if not isinstance(r, str):
-                raise TypeError(f"refs[{j}][{k}] is {type(r).__name__}, expected str")
-        out.append(list(rs))
-    return out
 
 
 def _group_lists(groups: Any, n: int) -> list[list[int]]:
@@ -136,7 +119,7 @@ def cider_btw_scores(
     n = len(captions)
     if n < 2:
         raise ValueError(f"CIDErBtw compares each image with other images: needs at least 2 captions, got {n}")
-    refs = _check_refs(refs, n)
+    refs = check_refs(refs, n)
     rows = _group_lists(groups, n)
     if cider is None:
         cider = CiderD(refs, normalize=True)
