@@ -115,6 +115,8 @@ class CausalVLMPolicy(PromptContinuationPolicy):
             raise ValueError(f"image_keys: the processor returns no {missing}; it returns {sorted(probe)}")
         self.image_keys = tuple(image_keys)
         self.aligned_keys = tuple(key for key in _ALIGNED_KEYS if key in probe)
+        #: image tensors flattened over all images (Qwen2-VL's patches), with the grid that splits them per image
+        self.flat_keys = {key: grid for key, grid in _GRID_KEYS.items() if {key, grid} <= set(self.image_keys)}
         self.input_keys = (*self.prompt_keys, *self.aligned_keys, *self.image_keys)
 
     def _encode(self, images: list[Any]) -> Any:
@@ -131,9 +133,8 @@ class CausalVLMPolicy(PromptContinuationPolicy):
         out.update({key: enc[key] for key in self.aligned_keys})
         for key in self.image_keys:
             value = enc[key]
-            grid = _GRID_KEYS.get(key)
-            if value.shape[0] != n and grid in enc and value.shape[0] == int(enc[grid].prod(-1).sum()):
-                value = _pad_by_grid(value, enc[grid])
+            if key in self.flat_keys:
+                value = _pad_by_grid(value, enc[self.flat_keys[key]])
             if value.shape[0] != n:
                 raise ValueError(
                     f"image input {key!r} has first dimension {value.shape[0]} for {n} images and no per-image "
@@ -151,9 +152,8 @@ class CausalVLMPolicy(PromptContinuationPolicy):
             out[key] = torch.cat([value, value.new_zeros(value.shape[0], caption_length)], dim=1)
         for key in self.image_keys:
             value = image_inputs[key]
-            grid = _GRID_KEYS.get(key)
-            if grid in image_inputs and value.dim() == image_inputs[grid].dim() + 1:
-                value = _unpad_by_grid(value, image_inputs[grid])
+            if key in self.flat_keys:
+                value = _unpad_by_grid(value, image_inputs[self.flat_keys[key]])
             out[key] = value.to(dtype) if value.is_floating_point() else value
         return out
 
@@ -170,6 +170,8 @@ class CausalVLMPolicy(PromptContinuationPolicy):
 def _pad_by_grid(flat: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """``(sum_i prod(grid_i), ...)`` rows stacked image after image -> ``(images, max_i prod(grid_i), ...)``."""
     lengths = grid.prod(-1).tolist()
+    if sum(lengths) != flat.shape[0]:
+        raise ValueError(f"image input has {flat.shape[0]} rows but its grid gives {sum(lengths)}, one run per image")
     padded = flat.new_zeros(len(lengths), max(lengths), *flat.shape[1:])
     for i, part in enumerate(torch.split(flat, lengths)):
         padded[i, : len(part)] = part
