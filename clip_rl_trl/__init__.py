@@ -24,7 +24,8 @@ from clip_rl_trl.models.policies import (
     CausalLMPolicy,
     ClipCapPolicy,
 )
-from clip_rl_trl.models.vlm import CausalVLMPolicy
+from clip_rl_trl.models.toy_vlm import TOY_VLM_KINDS, build_toy_vlm
+from clip_rl_trl.models.vlm import CausalVLMPolicy, vlm_prompt
 from clip_rl_trl.neighbors import groups_within_split, similar_image_groups
 from clip_rl_trl.pipeline import build_trainer, evaluate_saved, prepare, train
 from clip_rl_trl.rewards import functional
@@ -70,6 +71,9 @@ __all__ = [
     "CaptionRLTrainer",
     "CausalLMPolicy",
     "CausalVLMPolicy",
+    "TOY_VLM_KINDS",
+    "build_toy_vlm",
+    "vlm_prompt",
     "CiderD",
     "CiderReward",
     "ClipCapConfig",
